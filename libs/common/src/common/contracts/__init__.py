@@ -1,0 +1,18 @@
+"""Versioned topic contracts shared by producers and consumers.
+
+Consumers import these, never the producing service. Within a version, changes are additive.
+"""
+
+from common.contracts import device, fleet, platform
+from common.contracts.topic import Topic
+
+ALL_TOPICS: tuple[Topic, ...] = (  # type: ignore[type-arg]
+    device.TELEMETRY,
+    device.PRESENCE,
+    device.REPORT,
+    device.DEADLETTER,
+    fleet.DEVICE,
+    platform.DEADLETTER,
+)
+
+__all__ = ["ALL_TOPICS", "Topic", "device", "fleet", "platform"]

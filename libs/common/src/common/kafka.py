@@ -1,0 +1,180 @@
+"""Kafka for services: a FastStream broker factory and typed, dead-lettering consumers.
+
+A consumer registered with `subscribe()` receives a validated `Envelope[T]`. What it does with a
+record decides the offset:
+- invalid envelope or data, or a permanent error in the handler: the record goes to
+  `platform.deadletter.v1` with the reason, the offset is committed, the consumer goes on;
+- a transient error (database or network down): nothing is committed, the record is read again
+  after a pause, so nothing is lost and nothing runs twice without the idempotency guard;
+- success: the offset is committed after the handler's transaction committed.
+"""
+
+import asyncio
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from faststream import AckPolicy
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
+from opentelemetry.sdk.trace import TracerProvider
+from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+from common.contracts import platform
+from common.contracts.topic import Topic
+from common.events import DataT, Envelope, encode, new_event
+
+logger = logging.getLogger(__name__)
+
+# Errors worth waiting out: the record is read again instead of dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+)
+
+
+class PermanentError(Exception):
+    """A handler's verdict that this record can never be processed (dead-letter it)."""
+
+
+def make_broker(
+    *,
+    bootstrap_servers: str,
+    client_id: str,
+    tracer_provider: TracerProvider | None = None,
+    linger_ms: int = 5,
+) -> KafkaBroker:
+    """A broker whose producer waits for all in-sync replicas and never duplicates on retry."""
+    middlewares = (
+        (KafkaTelemetryMiddleware(tracer_provider=tracer_provider),) if tracer_provider else ()
+    )
+    return KafkaBroker(
+        bootstrap_servers,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=linger_ms,
+        compression_type=None,
+        allow_auto_create_topics=False,
+        middlewares=middlewares,
+        logger=logging.getLogger(f"faststream.{client_id}"),
+        log_level=logging.DEBUG,
+    )
+
+
+Handler = Callable[[Envelope[DataT]], Awaitable[None]]
+
+
+@dataclass
+class ConsumerStats:
+    """What a consumer did since start; exposed for tests and health."""
+
+    handled: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+
+
+def subscribe(
+    broker: KafkaBroker,
+    topic: Topic[DataT],
+    *,
+    group_id: str,
+    handler: Handler[DataT],
+    source: str,
+    topic_name: str | None = None,
+    retry_delay_s: float = 1.0,
+) -> ConsumerStats:
+    """Register a consumer of `topic` in consumer group `group_id`; see the module docstring."""
+    stats = ConsumerStats()
+    name = topic_name or topic.name
+
+    async def consume(msg: KafkaMessage) -> None:
+        record = msg.raw_message
+        try:
+            event = topic.parse(record.value)  # type: ignore[union-attr]
+        except ValidationError as exc:
+            await dead_letter(broker, msg, reason=_describe(exc), consumer=group_id, source=source)
+            stats.dead_lettered += 1
+            await msg.ack()
+            return
+        try:
+            await handler(event)
+        except TRANSIENT_ERRORS as exc:
+            stats.retried += 1
+            logger.warning(
+                "transient error, will re-read the record",
+                extra={"topic": name, "consumer": group_id, "error": repr(exc)},
+            )
+            await asyncio.sleep(retry_delay_s)
+            await msg.nack()
+            return
+        except (PermanentError, ValidationError, ValueError, DBAPIError) as exc:
+            await dead_letter(broker, msg, reason=_describe(exc), consumer=group_id, source=source)
+            stats.dead_lettered += 1
+            await msg.ack()
+            return
+        stats.handled += 1
+        await msg.ack()
+
+    broker.subscriber(
+        name,
+        group_id=group_id,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.MANUAL,
+        title=f"{group_id}:{name}",
+        description=topic.description,
+    )(consume)
+    return stats
+
+
+async def dead_letter(
+    broker: KafkaBroker, msg: Any, *, reason: str, consumer: str, source: str
+) -> None:
+    """Publish the raw record and the reason to `platform.deadletter.v1` and wait for acks."""
+    record = msg.raw_message
+    key = record.key.decode(errors="replace") if record.key else None
+    data = platform.DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=key,
+        value_b64=base64.b64encode(record.value or b"").decode(),
+        headers={k: v.decode(errors="replace") for k, v in (record.headers or ())},
+        consumer=consumer,
+        reason=reason[:2000],
+        failed_at=datetime.now(UTC),
+    )
+    event = new_event(type=platform.DEADLETTER.event_type, data=data, source=source, key=key)
+    await broker.publish(
+        encode(event),
+        platform.DEADLETTER.name,
+        key=record.key,
+        headers={"content-type": "application/json", "event-type": event.type},
+    )
+    logger.warning(
+        "record dead-lettered",
+        extra={
+            "topic": record.topic,
+            "offset": record.offset,
+            "consumer": consumer,
+            "reason": reason[:200],
+        },
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError):
+        parts = [
+            f"{'.'.join(str(p) for p in err['loc']) or '(record)'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        ]
+        return f"invalid record: {'; '.join(parts)}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,48 @@
+"""Alembic, driven from code: each service ships its migrations inside its package.
+
+A service's `migrations/env.py` is two lines: it calls `run_env(metadata)`. The service CLI's
+`migrate` command calls `upgrade(url, package)`.
+"""
+
+import asyncio
+from importlib import resources
+
+from alembic import command, context
+from alembic.config import Config
+from sqlalchemy import MetaData, pool
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+
+def alembic_config(database_url: str, package: str) -> Config:
+    """An Alembic config for `<package>.migrations` against `database_url`."""
+    config = Config()
+    config.set_main_option("script_location", str(resources.files(package) / "migrations"))
+    # Alembic's config is ConfigParser-based: a literal % must be doubled.
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def upgrade(database_url: str, package: str, revision: str = "head") -> None:
+    """Bring the service's database to `revision`."""
+    command.upgrade(alembic_config(database_url, package), revision)
+
+
+def run_env(metadata: MetaData) -> None:
+    """Body of a service's `env.py`: run migrations online over asyncpg."""
+    url = context.config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("sqlalchemy.url is not set")
+
+    def _migrate(connection: Connection) -> None:
+        context.configure(connection=connection, target_metadata=metadata, compare_type=True)
+        with context.begin_transaction():
+            context.run_migrations()
+
+    async def _run() -> None:
+        engine = create_async_engine(url, poolclass=pool.NullPool)
+        async with engine.connect() as conn:
+            await conn.run_sync(_migrate)
+        await engine.dispose()
+
+    asyncio.run(_run())
