@@ -46,3 +46,59 @@ def run_env(metadata: MetaData) -> None:
         await engine.dispose()
 
     asyncio.run(_run())
+
+
+def create_messaging_tables_v1() -> None:
+    """Migration step: the outbox and processed-events tables, version 1 of their schema.
+
+    Frozen: a later change to these tables gets a new function and a new migration.
+    """
+    import sqlalchemy as sa  # noqa: PLC0415 - only migrations need the op-level API
+    from alembic import op  # noqa: PLC0415
+    from sqlalchemy.dialects import postgresql  # noqa: PLC0415
+
+    op.create_table(
+        "outbox",
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=True), primary_key=True),
+        sa.Column("event_id", sa.Uuid(), nullable=False, unique=True),
+        sa.Column("topic", sa.String(200), nullable=False),
+        sa.Column("key", sa.String(200), nullable=True),
+        sa.Column("payload", sa.LargeBinary(), nullable=False),
+        sa.Column(
+            "headers",
+            postgresql.JSONB(),
+            nullable=False,
+            server_default=sa.text("'{}'::jsonb"),
+        ),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    op.create_index(
+        "ix_outbox_unpublished",
+        "outbox",
+        ["id"],
+        postgresql_where=sa.text("published_at IS NULL"),
+    )
+    op.create_table(
+        "processed_events",
+        sa.Column("consumer", sa.String(200), nullable=False),
+        sa.Column("event_id", sa.Uuid(), nullable=False),
+        sa.Column(
+            "processed_at",
+            sa.DateTime(timezone=True),
+            nullable=False,
+            server_default=sa.func.now(),
+        ),
+        sa.PrimaryKeyConstraint("consumer", "event_id"),
+    )
+
+
+def drop_messaging_tables_v1() -> None:
+    """Undo `create_messaging_tables_v1`."""
+    from alembic import op  # noqa: PLC0415
+
+    op.drop_table("processed_events")
+    op.drop_index("ix_outbox_unpublished", table_name="outbox")
+    op.drop_table("outbox")

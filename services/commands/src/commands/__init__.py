@@ -1,0 +1,1 @@
+"""Device commands and their lifecycle, from request to the device's result."""

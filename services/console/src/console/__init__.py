@@ -1,0 +1,1 @@
+"""The dealer web console, server-rendered over the public API."""

@@ -1,0 +1,1 @@
+"""Firmware consoles, releases, test-device validations and rollouts."""

@@ -1,0 +1,1 @@
+"""The device registry: identity, ownership, live state, search and the map."""

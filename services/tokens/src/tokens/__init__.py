@@ -1,0 +1,1 @@
+"""Identity, dealer scope, login and API tokens; verifies requests for the API gateway."""

@@ -1,0 +1,17 @@
+"""`python -m fleet serve|migrate`."""
+
+import sys
+
+from common.runner import run_cli
+from fleet.settings import FleetSettings
+
+
+def main() -> int:
+    """Entry point of the service's command line."""
+    return run_cli(
+        package="fleet", settings_factory=FleetSettings, app_factory="fleet.app:create_app"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
