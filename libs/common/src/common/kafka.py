@@ -70,9 +70,6 @@ def make_broker(
     )
 
 
-Handler = Callable[[Envelope[DataT]], Awaitable[None]]
-
-
 @dataclass
 class ConsumerStats:
     """What a consumer did since start; exposed for tests and health."""
@@ -87,21 +84,33 @@ def subscribe(
     topic: Topic[DataT],
     *,
     group_id: str,
-    handler: Handler[DataT],
+    handler: Callable[[Envelope[DataT]], Awaitable[None]],
     source: str,
-    topic_name: str | None = None,
+    topic_prefix: str = "",
     retry_delay_s: float = 1.0,
 ) -> ConsumerStats:
-    """Register a consumer of `topic` in consumer group `group_id`; see the module docstring."""
+    """Register a consumer of `topic` in consumer group `group_id`; see the module docstring.
+
+    `topic_prefix` comes from the service's settings (`kafka_topic_prefix`): test sessions
+    isolate their topics with it, and it applies to the dead-letter topic too.
+    """
     stats = ConsumerStats()
-    name = topic_name or topic.name
+    name = topic_prefix + topic.name
+    deadletter_topic = topic_prefix + platform.DEADLETTER.name
 
     async def consume(msg: KafkaMessage) -> None:
         record = msg.raw_message
         try:
             event = topic.parse(record.value)  # type: ignore[union-attr]
         except ValidationError as exc:
-            await dead_letter(broker, msg, reason=_describe(exc), consumer=group_id, source=source)
+            await dead_letter(
+                broker,
+                msg,
+                reason=_describe(exc),
+                consumer=group_id,
+                source=source,
+                topic=deadletter_topic,
+            )
             stats.dead_lettered += 1
             await msg.ack()
             return
@@ -117,7 +126,14 @@ def subscribe(
             await msg.nack()
             return
         except (PermanentError, ValidationError, ValueError, DBAPIError) as exc:
-            await dead_letter(broker, msg, reason=_describe(exc), consumer=group_id, source=source)
+            await dead_letter(
+                broker,
+                msg,
+                reason=_describe(exc),
+                consumer=group_id,
+                source=source,
+                topic=deadletter_topic,
+            )
             stats.dead_lettered += 1
             await msg.ack()
             return
@@ -136,9 +152,15 @@ def subscribe(
 
 
 async def dead_letter(
-    broker: KafkaBroker, msg: Any, *, reason: str, consumer: str, source: str
+    broker: KafkaBroker,
+    msg: Any,
+    *,
+    reason: str,
+    consumer: str,
+    source: str,
+    topic: str = platform.DEADLETTER.name,
 ) -> None:
-    """Publish the raw record and the reason to `platform.deadletter.v1` and wait for acks."""
+    """Publish the raw record and the reason to the dead-letter topic and wait for acks."""
     record = msg.raw_message
     key = record.key.decode(errors="replace") if record.key else None
     data = platform.DeadLetter(
@@ -155,7 +177,7 @@ async def dead_letter(
     event = new_event(type=platform.DEADLETTER.event_type, data=data, source=source, key=key)
     await broker.publish(
         encode(event),
-        platform.DEADLETTER.name,
+        topic,
         key=record.key,
         headers={"content-type": "application/json", "event-type": event.type},
     )
