@@ -123,7 +123,9 @@ def load_specs(path: Path) -> list[TopicSpec]:
     return specs
 
 
-async def current_configs(admin: AIOKafkaAdminClient, names: list[str]) -> dict[str, dict[str, str]]:
+async def current_configs(
+    admin: AIOKafkaAdminClient, names: list[str]
+) -> dict[str, dict[str, str]]:
     """Each topic's dynamic (topic-level) config."""
     if not names:
         return {}
@@ -154,6 +156,56 @@ def _raise_for_errors(response: Any, what: str) -> None:
                 raise for_code(item["error_code"])(f"{what} {name}: {message}")
 
 
+async def _create_missing(
+    admin: AIOKafkaAdminClient, missing: list[TopicSpec], dry_run: bool
+) -> None:
+    for spec in missing:
+        print(f"  create     {spec.name} partitions={spec.partitions} {spec.config}")
+    if missing and not dry_run:
+        new = [
+            NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=s.config)
+            for s in missing
+        ]
+        _raise_for_errors(await admin.create_topics(new), "create")
+
+
+async def _grow_partitions(
+    admin: AIOKafkaAdminClient, present: list[TopicSpec], existing: dict[str, Any], dry_run: bool
+) -> set[str]:
+    grow = {}
+    for spec in present:
+        have = len(existing[spec.name]["partitions"])
+        if have < spec.partitions:
+            print(f"  partitions {spec.name} {have} -> {spec.partitions}")
+            grow[spec.name] = NewPartitions(spec.partitions)
+        elif have > spec.partitions:
+            print(
+                f"  warning    {spec.name} has {have} partitions, more than the declared "
+                f"{spec.partitions}; Kafka cannot lower it",
+                file=sys.stderr,
+            )
+    if grow and not dry_run:
+        await admin.create_partitions(grow)
+    return set(grow)
+
+
+async def _reconcile_configs(
+    admin: AIOKafkaAdminClient, present: list[TopicSpec], dry_run: bool
+) -> set[str]:
+    configs = await current_configs(admin, [s.name for s in present])
+    alter = []
+    for spec in present:
+        have = configs.get(spec.name, {})
+        if have != spec.config:
+            print(f"  config     {spec.name} {have} -> {spec.config}")
+            # AlterConfigs (not incremental) replaces the topic's whole dynamic config.
+            alter.append(ConfigResource(ConfigResourceType.TOPIC, spec.name, configs=spec.config))
+    if alter and not dry_run:
+        for response in await admin.alter_configs(alter):
+            _raise_for_errors(response, "alter config of")
+    return {r.name for r in alter}
+
+
 async def apply(specs: list[TopicSpec], bootstrap: str, *, dry_run: bool) -> int:
     """Bring the cluster's topics in line with the specs; returns the number of changes."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="autogen-topics")
@@ -162,54 +214,23 @@ async def apply(specs: list[TopicSpec], bootstrap: str, *, dry_run: bool) -> int
         existing = {t["topic"]: t for t in await admin.describe_topics()}
         missing = [s for s in specs if s.name not in existing]
         present = [s for s in specs if s.name in existing]
-        changes = 0
-
-        if missing:
-            for spec in missing:
-                print(f"  create     {spec.name} partitions={spec.partitions} {spec.config}")
-            if not dry_run:
-                new = [
-                    NewTopic(s.name, s.partitions, s.replication_factor, topic_configs=s.config)
-                    for s in missing
-                ]
-                _raise_for_errors(await admin.create_topics(new), "create")
-            changes += len(missing)
-
-        grow = {}
-        for spec in present:
-            have = len(existing[spec.name]["partitions"])
-            if have < spec.partitions:
-                print(f"  partitions {spec.name} {have} -> {spec.partitions}")
-                grow[spec.name] = NewPartitions(spec.partitions)
-            elif have > spec.partitions:
-                print(f"  warning    {spec.name} has {have} partitions, more than the declared "
-                      f"{spec.partitions}; Kafka cannot lower it", file=sys.stderr)
-        if grow and not dry_run:
-            await admin.create_partitions(grow)
-        changes += len(grow)
-
-        configs = await current_configs(admin, [s.name for s in present])
-        alter = []
-        for spec in present:
-            if configs.get(spec.name, {}) != spec.config:
-                print(f"  config     {spec.name} {configs.get(spec.name, {})} -> {spec.config}")
-                # AlterConfigs (not incremental) replaces the topic's whole dynamic config.
-                alter.append(ConfigResource(ConfigResourceType.TOPIC, spec.name, configs=spec.config))
-        if alter and not dry_run:
-            for response in await admin.alter_configs(alter):
-                _raise_for_errors(response, "alter config of")
-        changes += len(alter)
-
-        undeclared = sorted(n for n in existing if not n.startswith("_") and n not in {s.name for s in specs})
-        if undeclared:
-            print(f"  note       topics not in the declared list: {', '.join(undeclared)}")
-        unchanged = len(present) - len(set(grow) | {r.name for r in alter})
-        print(f"topics: {len(specs)} declared, {len(missing)} created, {len(grow)} grown, "
-              f"{len(alter)} reconfigured, {unchanged} unchanged"
-              + (" (dry run)" if dry_run else ""))
-        return changes
+        await _create_missing(admin, missing, dry_run)
+        grown = await _grow_partitions(admin, present, existing, dry_run)
+        reconfigured = await _reconcile_configs(admin, present, dry_run)
     finally:
         await admin.close()
+    declared = {s.name for s in specs}
+    others = sorted(n for n in existing if not n.startswith("_") and n not in declared)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        print(f"  note       {len(others)} topic(s) not in the declared list: {shown}")
+    unchanged = len(present) - len(grown | reconfigured)
+    print(
+        f"topics: {len(specs)} declared, {len(missing)} created, {len(grown)} grown, "
+        f"{len(reconfigured)} reconfigured, {unchanged} unchanged"
+        + (" (dry run)" if dry_run else "")
+    )
+    return len(missing) + len(grown) + len(reconfigured)
 
 
 def main(argv: list[str] | None = None) -> int:
