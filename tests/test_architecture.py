@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,15 @@ def test_state_topics_are_compacted() -> None:
     declared = yaml.safe_load((ROOT / "deploy" / "topics.yaml").read_text())["topics"]
     policy = {t["name"]: t.get("config", {}).get("cleanup.policy", "delete") for t in declared}
     assert policy["fleet.device.v1"] == "compact"
+
+
+def test_asyncapi_document_matches_the_contracts() -> None:
+    """docs/asyncapi.yaml is regenerated whenever a contract changes."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "asyncapi.py"), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
