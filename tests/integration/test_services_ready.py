@@ -68,9 +68,7 @@ async def test_service_reports_unready_when_a_dependency_is_down(
     service: str, stack: StackAddresses, fresh_database: Migrate
 ) -> None:
     # Nothing listens on port 9 (discard) of the loopback: Redis is "down" for this app.
-    app = await build(
-        service, stack, fresh_database, redis_url=SecretStr("redis://127.0.0.1:9/0")
-    )
+    app = await build(service, stack, fresh_database, redis_url=SecretStr("redis://127.0.0.1:9/0"))
     async with app.router.lifespan_context(app):
         ready = await probe(app, "/readyz")
     assert ready.status_code == 503
