@@ -142,23 +142,23 @@ running_pid() {
   printf '%s' "$pid"
 }
 
-# stop_pid <name> <pid> <pattern> [signal]: signals the process (and, when it leads its own
-# process group, the whole group, so children go too), waits, then SIGKILLs after
-# STOP_TIMEOUT. Only acts when the command line still matches.
+# stop_pid <name> <pid> <pattern> [signal]: sends the signal (the server's own "shut down
+# cleanly" one) to the process only, waits for it to exit, and after STOP_TIMEOUT sends
+# SIGKILL, to its whole process group when it leads one (our servers run under setsid), so
+# no child outlives it. Does nothing unless the command line still matches.
 stop_pid() {
-  local name=$1 pid=$2 pattern=$3 sig=${4:-TERM} target deadline
+  local name=$1 pid=$2 pattern=$3 sig=${4:-TERM} deadline
   pid_matches "$pid" "$pattern" || return 0
-  target=$pid
-  # Our start functions run servers under setsid, so each leads its own process group.
-  if [[ $(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') == "$pid" ]]; then
-    target=-$pid
-  fi
-  kill "-$sig" -- "$target" 2>/dev/null || true
+  kill "-$sig" "$pid" 2>/dev/null || true
   deadline=$((SECONDS + STOP_TIMEOUT))
   while pid_matches "$pid" "$pattern"; do
     if ((SECONDS >= deadline)); then
       warn "$name (pid $pid) did not exit within ${STOP_TIMEOUT}s; sending SIGKILL"
-      kill -KILL -- "$target" 2>/dev/null || true
+      if [[ $(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') == "$pid" ]]; then
+        kill -KILL -- "-$pid" 2>/dev/null || true
+      else
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
       sleep 0.5
       break
     fi
