@@ -63,11 +63,17 @@ ctrl() {
 i=0
 # $CONTROL is an MQTT topic, not a shell variable.
 # shellcheck disable=SC2016
-until mosquitto_sub -h 127.0.0.1 -p "$PORT" -u "$ADMIN_USER" -P "$ADMIN_PASS" \
-  -t '$CONTROL/dynamic-security/v1/response' -E >/dev/null 2>&1; do
+until out=$(mosquitto_sub -h 127.0.0.1 -p "$PORT" -u "$ADMIN_USER" -P "$ADMIN_PASS" \
+  -t '$CONTROL/dynamic-security/v1/response' -E 2>&1); do
+  case "$out" in
+    *authori*)
+      log "cannot log in as '$ADMIN_USER': wrong admin password for $DYNSEC_FILE?"
+      exit 1
+      ;;
+  esac
   i=$((i + 1))
-  if [ "$i" -ge 50 ]; then
-    log "cannot log in as '$ADMIN_USER' on the private broker (wrong admin password for $DYNSEC_FILE?)"
+  if [ "$i" -ge 50 ] || ! kill -0 "$broker" 2>/dev/null; then
+    log "cannot log in as '$ADMIN_USER' on the private broker: $out"
     exit 1
   fi
   sleep 0.2
