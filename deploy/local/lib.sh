@@ -172,13 +172,17 @@ stop_pid() {
 # data directories must belong to those users, and every parent must be traversable by them.
 # When the checkout lives under a private directory (e.g. /root), the data goes to
 # /var/lib/autogen-fleet/<hash of .local>/<name> and .local/<name> becomes a symlink to it.
+# Those daemons must then be given the real path (the symlink's path crosses the private
+# directory): real_dir resolves it without side effects.
 
-# owned_dir <user> <name>: prints the path of .local/<name>, created and owned by <user>.
+real_dir() { readlink -f "$LOCAL_DIR/$1"; }
+
+# owned_dir <user> <name>: creates .local/<name> for <user> and prints its real path.
 owned_dir() {
   local user=$1 name=$2 dir=$LOCAL_DIR/$2 alt
   if ! is_root || [[ $user == root ]]; then
     mkdir -p "$dir"
-    printf '%s' "$dir"
+    real_dir "$name"
     return
   fi
   alt=/var/lib/autogen-fleet/$(printf '%s' "$LOCAL_DIR" | sha1sum | cut -c1-12)/$name
@@ -192,12 +196,13 @@ owned_dir() {
       # old directory there (from an earlier .local at the same path) is cleared.
       rmdir "$dir"
       rm -rf "$alt"
-      mkdir -p "$alt"
+      mkdir -p "$alt" "$(dirname "$dir")"
       ln -s "$alt" "$dir"
     fi
   fi
-  chown -R "$user:" "$dir/"
-  runuser -u "$user" -- test -w "$dir/" ||
+  dir=$(real_dir "$name")
+  chown "$user:" "$dir"
+  runuser -u "$user" -- test -w "$dir" ||
     die "$dir is not writable by user $user (check the permissions of its parent directories)"
   printf '%s' "$dir"
 }
