@@ -17,6 +17,9 @@ KAFKA_LIBS=$KAFKA_HOME/libs
 KAFKA_STAMP=$KAFKA_HOME/.complete
 
 PG_BIN=${AUTOGEN_PG_BIN:-/usr/lib/postgresql/15/bin}
+# Debian puts these daemons in /usr/sbin, which is not on a normal user's PATH.
+MOSQUITTO_BIN=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 DB_SERVICES=(tokens fleet commands firmware gateway)
 HTTP_SERVICES=(tokens fleet commands firmware gateway console)
 
