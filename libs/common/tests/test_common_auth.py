@@ -98,7 +98,7 @@ async def test_unsigned_token_is_refused() -> None:
     issuer = TestIssuer()
     unsigned = jwt.encode(
         {"sub": "x", "agf": ADMIN.model_dump(mode="json"), "exp": int(time.time()) + 60},
-        key=None,
+        key="",
         algorithm="none",
         headers={"kid": issuer.kid},
     )
