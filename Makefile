@@ -37,7 +37,7 @@ up: install ## start everything and print where it is
 	@$(STACK) start
 	@$(SERVICES) start
 	@if [ -x $(SEED) ]; then $(WITH_ENV) $(SEED); fi
-	@$(WITH_ENV) printf '\n%s\n' \
+	@echo; $(WITH_ENV) printf '%s\n' \
 	  "AutoGen Fleet is up." \
 	  "  Console:      $$AUTOGEN_CONSOLE_URL" \
 	  "  API:          $$AUTOGEN_API_BASE_URL" \
