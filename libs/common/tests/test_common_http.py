@@ -175,26 +175,12 @@ async def test_request_id_is_on_every_answer(
     assert len(response.headers[REQUEST_ID_HEADER]) == 32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG in common.http: the `Exception` handler runs in Starlette's ServerErrorMiddleware, "
-        "outside the request-id middleware, so a 500 answer carries no X-Request-ID"
-    ),
-)
 async def test_request_id_is_on_a_500_answer(client: httpx.AsyncClient) -> None:
     response = await client.get("/boom", headers={REQUEST_ID_HEADER: "req-500-000001"})
     assert response.status_code == 500
     assert response.headers.get(REQUEST_ID_HEADER) == "req-500-000001"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG in common.http: the request-id middleware resets request_id_var before the "
-        "`Exception` handler logs 'unhandled error', so that log line has no request_id"
-    ),
-)
 async def test_unhandled_error_log_carries_the_request_id(client: httpx.AsyncClient) -> None:
     seen: list[str | None] = []
 

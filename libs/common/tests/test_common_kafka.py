@@ -283,15 +283,6 @@ async def test_long_reason_is_cut(ack_calls: list[str]) -> None:
     assert len(c.letter().data.reason) == 2000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "GAP in common.kafka.subscribe: an exception outside TRANSIENT_ERRORS and the permanent "
-        "list (e.g. RuntimeError, KeyError from a handler bug) is neither dead-lettered nor "
-        "nacked; with AckPolicy.MANUAL FastStream does nothing either, so the next ack commits "
-        "past the record and it is silently lost"
-    ),
-)
 async def test_unclassified_handler_error_is_not_silently_skipped(ack_calls: list[str]) -> None:
     async with consumer(ack_calls, fail=raise_(RuntimeError("handler bug"))) as c:
         # The in-memory broker re-raises what a real consumer would only log.

@@ -70,8 +70,9 @@ def install_http_conventions(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Only errors raised outside the request-id middleware get here.
         logger.error("unhandled error", exc_info=exc)
-        return problem_response(500, "Internal error", "the server could not complete the request")
+        return _internal_error()
 
     @app.middleware("http")
     async def _request_id(
@@ -82,10 +83,17 @@ def install_http_conventions(app: FastAPI) -> None:
         token = request_id_var.set(request_id)
         try:
             response = await call_next(request)
+        except Exception as exc:
+            logger.error("unhandled error", exc_info=exc)
+            response = _internal_error()
         finally:
             request_id_var.reset(token)
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
+
+
+def _internal_error() -> JSONResponse:
+    return problem_response(500, "Internal error", "the server could not complete the request")
 
 
 _TITLES = {

@@ -2,8 +2,9 @@
 
 A consumer registered with `subscribe()` receives a validated `Envelope[T]`. What it does with a
 record decides the offset:
-- invalid envelope or data, or a permanent error in the handler: the record goes to
-  `platform.deadletter.v1` with the reason, the offset is committed, the consumer goes on;
+- invalid envelope or data, or any other error in the handler (a `PermanentError`, a bug):
+  the record goes to `platform.deadletter.v1` with the reason, the offset is committed, the
+  consumer goes on;
 - a transient error (database or network down): nothing is committed, the record is read again
   after a pause, so nothing is lost and nothing runs twice without the idempotency guard;
 - success: the offset is committed after the handler's transaction committed.
@@ -23,7 +24,7 @@ from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.opentelemetry import KafkaTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from common.contracts import platform
 from common.contracts.topic import Topic
@@ -125,7 +126,7 @@ def subscribe(
             await asyncio.sleep(retry_delay_s)
             await msg.nack()
             return
-        except (PermanentError, ValidationError, ValueError, DBAPIError) as exc:
+        except Exception as exc:  # noqa: BLE001 - anything not transient is kept, not lost
             await dead_letter(
                 broker,
                 msg,

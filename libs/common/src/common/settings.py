@@ -38,8 +38,12 @@ class OtelExporter(StrEnum):
     OTLP = "otlp"
 
 
-class InsecureSettingsError(ValueError):
-    """A development default was left in place outside development."""
+class InsecureSettingsError(Exception):
+    """A development default was left in place outside development.
+
+    Not a ValueError on purpose: pydantic would wrap that in a ValidationError, and a process
+    that refuses to start should say exactly why.
+    """
 
 
 class ServiceSettings(BaseSettings):

@@ -3,7 +3,7 @@
 Consumers import these, never the producing service. Within a version, changes are additive.
 """
 
-from common.contracts import device, fleet, platform
+from common.contracts import commands, device, fleet, platform
 from common.contracts.topic import Topic
 
 ALL_TOPICS: tuple[Topic, ...] = (  # type: ignore[type-arg]
@@ -12,7 +12,10 @@ ALL_TOPICS: tuple[Topic, ...] = (  # type: ignore[type-arg]
     device.REPORT,
     device.DEADLETTER,
     fleet.DEVICE,
+    commands.REQUEST,
+    commands.DISPATCH,
+    commands.STATUS,
     platform.DEADLETTER,
 )
 
-__all__ = ["ALL_TOPICS", "Topic", "device", "fleet", "platform"]
+__all__ = ["ALL_TOPICS", "Topic", "commands", "device", "fleet", "platform"]

@@ -14,7 +14,9 @@ DeviceId = str
 
 
 class _DeviceEvent(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Readers ignore fields added later in this version (additive changes); the gateway checks
+    # devices' MQTT payloads strictly before it publishes these.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     device_id: DeviceId = Field(min_length=1, max_length=64)
     received_at: AwareDatetime
