@@ -2,7 +2,7 @@
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import uvicorn
 
@@ -17,15 +17,28 @@ def run_cli(
     settings_factory: Callable[[], ServiceSettings],
     app_factory: str,
     argv: Sequence[str] | None = None,
+    extra_commands: Mapping[str, tuple[str, Callable[[list[str]], int]]] | None = None,
 ) -> int:
-    """Parse the command line and run the service's command; returns the exit code."""
+    """Parse the command line and run the service's command; returns the exit code.
+
+    `extra_commands` maps a command name to (help, function); the function receives the
+    remaining arguments and parses them itself (e.g. a service's `seed`).
+    """
+    extra = dict(extra_commands or {})
     parser = argparse.ArgumentParser(prog=f"python -m {package}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the HTTP API and the service's consumers")
     sub.add_parser("migrate", help="bring the service's database schema up to date")
-    args = parser.parse_args(argv)
+    for name, (help_text, _) in extra.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
     settings = settings_factory()
     configure_logging(package, level=settings.log_level, json_output=settings.log_json)
+
+    if args.command in extra:
+        return extra[args.command][1](rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.command == "migrate":
         if not isinstance(settings, DatabaseSettings):
