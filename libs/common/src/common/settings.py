@@ -54,6 +54,9 @@ class ServiceSettings(BaseSettings):
     env: Environment = Environment.DEVELOPMENT
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # Proxies whose X-Forwarded-* headers are trusted (the API gateway); "*" inside a network
+    # where only the gateway can reach the service.
+    forwarded_allow_ips: str = "127.0.0.1"
     log_level: str = "INFO"
     log_json: bool = True
 
