@@ -71,6 +71,8 @@ fmt: ## ruff fix and format
 test: install ## lint, types and tests against the real stack
 	@$(STACK) start
 	@$(STACK) smoke
+	@# System tests talk to the running services through nginx, as users do.
+	@$(SERVICES) start
 	$(UV_RUN) ruff check .
 	$(UV_RUN) ruff format --check .
 	$(UV_RUN) mypy
