@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from common.contracts import ALL_TOPICS, Topic, commands, device, fleet, platform
+from common.contracts import ALL_TOPICS, Topic, commands, device, firmware, fleet, platform, tokens
 from common.events import Envelope, encode, new_event
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -74,6 +74,30 @@ SAMPLES: dict[str, BaseModel] = {
         status="sent",
         at=NOW,
         reporter="gateway",
+    ),
+    firmware.RELEASE.name: firmware.FirmwareRelease(
+        release_id="rel-1",
+        console="unified",
+        version="2.4.1",
+        models=["D100", "D180"],
+        engine="diesel",
+        transport="gsm",
+        artifact_url="https://firmware.example/unified-2.4.1.bin",
+        sha256="0" * 64,
+        size=1_048_576,
+        created_at=NOW,
+    ),
+    tokens.TOKEN.name: tokens.TokenEvent(
+        kind="created",
+        token_id="tok-1",
+        name="dashboard",
+        user_id="u-1",
+        dealer_id="dealer-1",
+        access="read",
+        device_ids=["AG-0001"],
+        expires_at=NOW,
+        actor_user_id="u-2",
+        at=NOW,
     ),
     platform.DEADLETTER.name: platform.DeadLetter(
         topic="device.telemetry.v1",

@@ -3,7 +3,7 @@
 Consumers import these, never the producing service. Within a version, changes are additive.
 """
 
-from common.contracts import commands, device, fleet, platform, tokens
+from common.contracts import commands, device, firmware, fleet, platform, tokens
 from common.contracts.topic import Topic
 
 ALL_TOPICS: tuple[Topic, ...] = (  # type: ignore[type-arg]
@@ -15,8 +15,18 @@ ALL_TOPICS: tuple[Topic, ...] = (  # type: ignore[type-arg]
     commands.REQUEST,
     commands.DISPATCH,
     commands.STATUS,
+    firmware.RELEASE,
     tokens.TOKEN,
     platform.DEADLETTER,
 )
 
-__all__ = ["ALL_TOPICS", "Topic", "commands", "device", "fleet", "platform", "tokens"]
+__all__ = [
+    "ALL_TOPICS",
+    "Topic",
+    "commands",
+    "device",
+    "firmware",
+    "fleet",
+    "platform",
+    "tokens",
+]
