@@ -8,13 +8,16 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from common.http import problem_response
+from common.metrics import metrics_router
 
 Check = Callable[[], Awaitable[object]]
 
 
 def health_router(checks: Mapping[str, Check], *, timeout_s: float = 2.0) -> APIRouter:
-    """Probes for load balancers and orchestrators; `checks` name each dependency."""
+    """Probes for load balancers and orchestrators (`checks` name each dependency), and the
+    Prometheus `/metrics` endpoint."""
     router = APIRouter(tags=["health"])
+    router.include_router(metrics_router())
 
     @router.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.logging import request_id_var
+from common.metrics import install_http_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ def problem_response(status: int, title: str, detail: str, **extra: Any) -> JSON
 
 
 def install_http_conventions(app: FastAPI) -> None:
-    """Problem+json for every error and an `X-Request-ID` on every request and response."""
+    """Problem+json for every error, an `X-Request-ID` on every request and response, metrics."""
+    install_http_metrics(app)
 
     @app.exception_handler(ProblemError)
     async def _problem(_: Request, exc: ProblemError) -> JSONResponse:

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from common.db import make_engine, make_sessionmaker, ping
 from common.health import Check
 from common.kafka import make_broker
+from common.metrics import CONSUMER_LAG, OUTBOX_PENDING
 from common.outbox import OutboxRelay
 from common.redis import make_redis
 from common.settings import DatabaseSettings, ServiceSettings
@@ -124,7 +125,39 @@ class Infra:
                 stack.push_async_callback(self.relay.stop)
                 relay_task = asyncio.create_task(self.relay.run(self._stop), name="outbox-relay")
                 stack.push_async_callback(self._stop_task, relay_task)
+            gauges = asyncio.create_task(self._update_gauges(), name="metrics-gauges")
+            stack.push_async_callback(self._stop_task, gauges)
             yield self
+
+    async def _update_gauges(self, interval_s: float = 15.0) -> None:
+        """Refresh gauges that need a query (outbox backlog, consumer lag) off the scrape path."""
+        while not self._stop.is_set():
+            try:
+                if self.relay is not None:
+                    OUTBOX_PENDING.set(await self.relay.pending())
+                for (group, topic), lag in (await self.consumer_lag()).items():
+                    CONSUMER_LAG.labels(group, topic).set(lag)
+            except Exception:
+                logger.debug("metrics refresh failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
+
+    async def consumer_lag(self) -> dict[tuple[str, str], int]:
+        """Records behind the partition ends, per (consumer group, topic), for this process."""
+        lag: dict[tuple[str, str], int] = {}
+        for subscriber in self.broker.subscribers:
+            consumer = getattr(subscriber, "consumer", None)
+            if consumer is None:
+                continue
+            group = str(getattr(consumer, "_group_id", None) or "-")
+            for partition in consumer.assignment():
+                end = consumer.highwater(partition)
+                if end is None:
+                    continue
+                behind = max(0, end - await consumer.position(partition))
+                key = (group, partition.topic)
+                lag[key] = lag.get(key, 0) + behind
+        return lag
 
     async def _stop_task(self, task: "asyncio.Task[None]") -> None:
         self._stop.set()

@@ -29,6 +29,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from common.contracts import platform
 from common.contracts.topic import Topic
 from common.events import DataT, Envelope, encode, new_event
+from common.metrics import KAFKA_CONSUMED
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ def subscribe(
     stats = ConsumerStats()
     name = topic_prefix + topic.name
     deadletter_topic = topic_prefix + platform.DEADLETTER.name
+    handled = KAFKA_CONSUMED.labels(group_id, topic.name, "handled")
+    dead_lettered = KAFKA_CONSUMED.labels(group_id, topic.name, "dead_lettered")
+    retried = KAFKA_CONSUMED.labels(group_id, topic.name, "retried")
 
     async def consume(msg: KafkaMessage) -> None:
         record = msg.raw_message
@@ -113,12 +117,14 @@ def subscribe(
                 topic=deadletter_topic,
             )
             stats.dead_lettered += 1
+            dead_lettered.inc()
             await msg.ack()
             return
         try:
             await handler(event)
         except TRANSIENT_ERRORS as exc:
             stats.retried += 1
+            retried.inc()
             logger.warning(
                 "transient error, will re-read the record",
                 extra={"topic": name, "consumer": group_id, "error": repr(exc)},
@@ -136,9 +142,11 @@ def subscribe(
                 topic=deadletter_topic,
             )
             stats.dead_lettered += 1
+            dead_lettered.inc()
             await msg.ack()
             return
         stats.handled += 1
+        handled.inc()
         await msg.ack()
 
     broker.subscriber(

@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from common.contracts.topic import Topic
 from common.events import DataT, Envelope, encode
+from common.metrics import OUTBOX_PUBLISHED
 from common.telemetry import current_trace_headers
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class OutboxRelay:
             await self._mark_published(conn, [row.id for row in rows])
         self.stats.published += len(rows)
         self.stats.batches += 1
+        OUTBOX_PUBLISHED.inc(len(rows))
         return len(rows)
 
     async def _publish(self, rows: Any) -> None:
