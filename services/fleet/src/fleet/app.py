@@ -2,35 +2,79 @@
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from opentelemetry.sdk.trace import SpanProcessor
 
+from common.auth import InternalTokenVerifier
 from common.health import health_router
-from common.http import install_http_conventions
+from common.http import install_http_conventions, problem_response
 from common.infra import Infra
 from common.telemetry import instrument_app
-from fleet import store
+from fleet import consumers, store
+from fleet.api import build_router
+from fleet.domain import AttentionRules, InvalidInputError
+from fleet.gateway_client import CredentialsIssuer, HttpGateway
 from fleet.settings import FleetSettings
+
+
+def attention_rules(settings: FleetSettings) -> AttentionRules:
+    """The `attention` thresholds from the settings."""
+    return AttentionRules(
+        offline_wifi=timedelta(seconds=settings.offline_attention_wifi_s),
+        offline_gsm=timedelta(seconds=settings.offline_attention_gsm_s),
+        offline_gps=timedelta(seconds=settings.offline_attention_gps_s),
+        low_fuel_pct=settings.low_fuel_pct,
+        low_battery_v=settings.low_battery_v,
+    )
 
 
 def create_app(
     settings: FleetSettings | None = None,
     *,
     span_processors: tuple[SpanProcessor, ...] = (),
+    verifier: InternalTokenVerifier | None = None,
+    issuer: CredentialsIssuer | None = None,
 ) -> FastAPI:
-    """The ASGI app; settings come from the environment unless given."""
+    """The ASGI app; settings come from the environment unless given.
+
+    Tests pass a verifier for their own signing key and a fake credentials issuer.
+    """
     settings = settings or FleetSettings()
     infra = Infra.build(settings, outbox=store.outbox, span_processors=span_processors)
+    assert infra.sessions is not None  # noqa: S101 - DatabaseSettings always build sessions
+    gateway = HttpGateway(settings.gateway_url, timeout_s=settings.gateway_timeout_s)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with infra.running():
-            yield
+            try:
+                yield
+            finally:
+                await gateway.aclose()
 
     app = FastAPI(title="AutoGen Fleet registry", version="1", lifespan=lifespan)
     app.state.infra = infra
+    app.state.verifier = verifier or InternalTokenVerifier(jwks_url=settings.jwks_url)
+    app.state.consumers = consumers.register(infra.broker, settings, infra.sessions)
     install_http_conventions(app)
+
+    @app.exception_handler(InvalidInputError)
+    async def _invalid(_: Request, exc: InvalidInputError) -> JSONResponse:
+        return problem_response(
+            422, "Invalid request", str(exc), errors=[{"field": exc.field, "message": exc.message}]
+        )
+
     app.include_router(health_router(infra.health_checks()))
+    app.include_router(
+        build_router(
+            sessions=infra.sessions,
+            rules=attention_rules(settings),
+            issuer=issuer or gateway,
+            map_limit=settings.map_max_features,
+        )
+    )
     instrument_app(app, infra.tracer_provider)
     return app

@@ -2,7 +2,7 @@
 
 from typing import ClassVar
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from common.settings import DatabaseSettings, service_config
 
@@ -18,3 +18,25 @@ class FleetSettings(DatabaseSettings):
     database_url: SecretStr = SecretStr(
         "postgresql+asyncpg://fleet:fleet-dev@127.0.0.1:55432/fleet"
     )
+    # The tokens service's public keys for the internal JWT (also AUTOGEN_JWKS_URL).
+    jwks_url: str = "http://127.0.0.1:8101/api/v1/.well-known/jwks.json"
+    # The gateway's internal API, which issues and revokes devices' MQTT credentials.
+    gateway_url: str = "http://127.0.0.1:8105"
+    gateway_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+    # `attention`: a device offline longer than this (seconds) needs a look. GSM and GPS
+    # units drop out of coverage routinely, so they get longer than WiFi units.
+    offline_attention_wifi_s: int = Field(default=15 * 60, ge=0)
+    offline_attention_gsm_s: int = Field(default=60 * 60, ge=0)
+    offline_attention_gps_s: int = Field(default=2 * 60 * 60, ge=0)
+    # Telemetry alarms.
+    low_fuel_pct: float = Field(default=15.0, ge=0, le=100)
+    low_battery_v: float = Field(default=11.5, ge=0)
+
+    # Recent positions kept per device (a ring of this many slots).
+    position_history: int = Field(default=20, ge=1, le=1000)
+    # Telemetry consumer: records per batch, and how long a poll waits to fill one.
+    telemetry_batch_max: int = Field(default=2000, ge=1, le=50000)
+    telemetry_batch_timeout_ms: int = Field(default=200, ge=1, le=10000)
+    # Map answers at most this many features (the rest is flagged `truncated`).
+    map_max_features: int = Field(default=5000, ge=1, le=100000)

@@ -1,10 +1,340 @@
-"""The fleet service's tables (its own database; no other service reads them)."""
+"""The fleet service's tables and queries (its own database; no other service reads them)."""
 
-from sqlalchemy import MetaData
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    and_,
+    func,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from common.idempotency import processed_events_table
 from common.outbox import outbox_table
+from fleet.domain import BBox, Device
 
 metadata = MetaData()
 outbox = outbox_table(metadata)
 processed_events = processed_events_table(metadata)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("model", String(32), nullable=False),
+    Column("engine", String(32), nullable=True),
+    Column("transport", String(8), nullable=False),
+    Column("gps", Boolean, nullable=False),
+    Column("dealer_id", String(64), nullable=False),
+    Column("customer_email", String(254), nullable=True),  # stored lower-case
+    Column("test_device", Boolean, nullable=False, server_default=text("false")),
+    Column("firmware_version", String(64), nullable=True),
+    Column("connection", String(8), nullable=False, server_default=text("'offline'")),
+    Column("last_seen_at", DateTime(timezone=True), nullable=True),
+    # Event times of the last applied presence / telemetry: state only moves forward.
+    Column("presence_at", DateTime(timezone=True), nullable=True),
+    Column("telemetry_at", DateTime(timezone=True), nullable=True),
+    Column("run_state", String(16), nullable=True),
+    Column("battery_v", Float, nullable=True),
+    Column("fuel_pct", Float, nullable=True),
+    Column("engine_hours", Float, nullable=True),
+    Column("lat", Float, nullable=True),
+    Column("lon", Float, nullable=True),
+    Column("position_at", DateTime(timezone=True), nullable=True),
+    Column("position_seq", BigInteger, nullable=False, server_default=text("0")),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("ix_devices_dealer_id", "dealer_id", "id"),
+    Index("ix_devices_dealer_customer", "dealer_id", "customer_email"),
+    Index(
+        "ix_devices_id_trgm", "id", postgresql_using="gin", postgresql_ops={"id": "gin_trgm_ops"}
+    ),
+    Index(
+        "ix_devices_name_trgm",
+        "name",
+        postgresql_using="gin",
+        postgresql_ops={"name": "gin_trgm_ops"},
+    ),
+    Index(
+        "ix_devices_customer_email_trgm",
+        "customer_email",
+        postgresql_using="gin",
+        postgresql_ops={"customer_email": "gin_trgm_ops"},
+    ),
+    Index("ix_devices_position", "lon", "lat", postgresql_where=text("gps AND lat IS NOT NULL")),
+)
+
+# A ring of recent positions per device: slot = position_seq % history size, so the table
+# stays bounded without deletes.
+device_positions = Table(
+    "device_positions",
+    metadata,
+    Column("device_id", String(64), ForeignKey("devices.id", ondelete="CASCADE"), nullable=False),
+    Column("slot", Integer, nullable=False),
+    Column("lat", Float, nullable=False),
+    Column("lon", Float, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("device_id", "slot"),
+)
+
+Conn = AsyncSession | AsyncConnection
+
+_DEVICE_COLUMNS = [
+    devices.c[name]
+    for name in (
+        "id", "name", "model", "engine", "transport", "gps", "dealer_id", "customer_email",
+        "test_device", "firmware_version", "connection", "last_seen_at", "run_state",
+        "battery_v", "fuel_pct", "lat", "lon", "position_at", "created_at",
+    )
+]  # fmt: skip
+
+
+class DuplicateDeviceError(Exception):
+    """A device with this id is registered already."""
+
+
+def _device(row: Row[Any]) -> Device:
+    return Device(**row._mapping)
+
+
+async def insert_device(conn: Conn, values: dict[str, Any]) -> Device:
+    """Register a device; `DuplicateDeviceError` when the id is taken."""
+    try:
+        async with conn.begin_nested():
+            row = (
+                await conn.execute(devices.insert().values(**values).returning(*_DEVICE_COLUMNS))
+            ).one()
+    except IntegrityError as exc:
+        raise DuplicateDeviceError(values["id"]) from exc
+    return _device(row)
+
+
+async def get_device(conn: Conn, device_id: str, *, for_update: bool = False) -> Device | None:
+    """One device, or None."""
+    query = select(*_DEVICE_COLUMNS).where(devices.c.id == device_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
+    return _device(row) if row is not None else None
+
+
+async def update_device(conn: Conn, device_id: str, values: dict[str, Any]) -> Device:
+    """Change registry fields of an existing device."""
+    row = (
+        await conn.execute(
+            devices.update()
+            .where(devices.c.id == device_id)
+            .values(**values, updated_at=func.now())
+            .returning(*_DEVICE_COLUMNS)
+        )
+    ).one()
+    return _device(row)
+
+
+def _like(fragment: str) -> str:
+    escaped = fragment.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def search_conditions(
+    *,
+    q: str | None,
+    connection: str | None,
+    model: str | None,
+    firmware: str | None,
+) -> list[ColumnElement[bool]]:
+    """WHERE terms of a search: the text matches id, customer email or name (pg_trgm GIN)."""
+    terms: list[ColumnElement[bool]] = []
+    if q:
+        pattern = _like(q)
+        terms.append(
+            or_(
+                devices.c.id.ilike(pattern),
+                devices.c.name.ilike(pattern),
+                devices.c.customer_email.ilike(pattern),
+            )
+        )
+    if connection is not None:
+        terms.append(devices.c.connection == connection)
+    if model is not None:
+        terms.append(devices.c.model == model)
+    if firmware is not None:
+        terms.append(devices.c.firmware_version == firmware)
+    return terms
+
+
+async def search(
+    conn: Conn,
+    *,
+    conditions: Sequence[ColumnElement[bool]],
+    after: str | None,
+    limit: int,
+) -> list[Device]:
+    """Up to `limit` devices matching every condition, in id order, after id `after`."""
+    terms = list(conditions)
+    if after is not None:
+        terms.append(devices.c.id > after)
+    query = select(*_DEVICE_COLUMNS).where(and_(True, *terms)).order_by(devices.c.id).limit(limit)
+    return [_device(row) for row in await conn.execute(query)]
+
+
+async def in_bbox(
+    conn: Conn, *, bbox: BBox, conditions: Sequence[ColumnElement[bool]], limit: int
+) -> list[Device]:
+    """GPS devices with a known position inside `bbox`, in id order."""
+    query = (
+        select(*_DEVICE_COLUMNS)
+        .where(
+            devices.c.gps,
+            devices.c.lat.is_not(None),
+            devices.c.lon.between(bbox.min_lon, bbox.max_lon),
+            devices.c.lat.between(bbox.min_lat, bbox.max_lat),
+            *conditions,
+        )
+        .order_by(devices.c.id)
+        .limit(limit)
+    )
+    return [_device(row) for row in await conn.execute(query)]
+
+
+async def recent_positions(conn: Conn, device_id: str) -> list[tuple[float, float, datetime]]:
+    """The device's recent positions, newest first."""
+    rows = await conn.execute(
+        select(device_positions.c.lat, device_positions.c.lon, device_positions.c.at)
+        .where(device_positions.c.device_id == device_id)
+        .order_by(device_positions.c.at.desc())
+    )
+    return [(row.lat, row.lon, row.at) for row in rows]
+
+
+# ------------------------------------------------------------------ live state, in batches
+# Each statement applies a whole consumer batch (one row per device, already coalesced) in
+# one round trip. They are idempotent: a row only moves a device forward in event time
+# (`received_at` against `presence_at` / `telemetry_at`), so a redelivered or older event
+# changes nothing.
+
+_APPLY_PRESENCE = text(
+    """
+    UPDATE devices AS d SET
+      connection = CASE WHEN i.online THEN 'live' ELSE 'offline' END,
+      presence_at = i.received_at,
+      -- a Last Will is the broker's word, not the device's: it does not count as "seen"
+      last_seen_at = CASE WHEN i.will THEN d.last_seen_at
+                          ELSE GREATEST(d.last_seen_at, i.received_at) END,
+      firmware_version = COALESCE(i.fw, d.firmware_version),
+      updated_at = now()
+    FROM unnest(CAST(:ids AS text[]), CAST(:received AS timestamptz[]),
+                CAST(:online AS boolean[]), CAST(:will AS boolean[]), CAST(:fw AS text[]))
+         AS i(id, received_at, online, will, fw)
+    WHERE d.id = i.id AND (d.presence_at IS NULL OR i.received_at >= d.presence_at)
+    """
+)
+
+_APPLY_TELEMETRY = text(
+    """
+    WITH moved AS (
+      UPDATE devices AS d SET
+        telemetry_at = i.received_at,
+        last_seen_at = GREATEST(d.last_seen_at, i.received_at),
+        -- a device sending telemetry is connected, unless a newer presence says otherwise
+        connection = CASE WHEN d.presence_at IS NULL OR i.received_at > d.presence_at
+                          THEN 'live' ELSE d.connection END,
+        presence_at = GREATEST(d.presence_at, i.received_at),
+        run_state = COALESCE(i.run_state, d.run_state),
+        battery_v = COALESCE(i.battery_v, d.battery_v),
+        fuel_pct = COALESCE(i.fuel_pct, d.fuel_pct),
+        engine_hours = COALESCE(i.engine_hours, d.engine_hours),
+        lat = CASE WHEN i.has_pos THEN i.lat ELSE d.lat END,
+        lon = CASE WHEN i.has_pos THEN i.lon ELSE d.lon END,
+        position_at = CASE WHEN i.has_pos THEN i.ts ELSE d.position_at END,
+        position_seq = d.position_seq + CASE WHEN i.has_pos THEN 1 ELSE 0 END
+      FROM (
+        SELECT u.*, (u.lat IS NOT NULL AND u.lon IS NOT NULL) AS has_pos
+        FROM unnest(CAST(:ids AS text[]), CAST(:received AS timestamptz[]),
+                    CAST(:ts AS timestamptz[]), CAST(:run_state AS text[]),
+                    CAST(:battery_v AS float8[]), CAST(:fuel_pct AS float8[]),
+                    CAST(:engine_hours AS float8[]), CAST(:lat AS float8[]),
+                    CAST(:lon AS float8[]))
+             AS u(id, received_at, ts, run_state, battery_v, fuel_pct, engine_hours, lat, lon)
+      ) AS i
+      WHERE d.id = i.id AND (d.telemetry_at IS NULL OR i.received_at > d.telemetry_at)
+      RETURNING d.id, d.position_seq, i.has_pos, i.lat, i.lon, i.ts
+    )
+    INSERT INTO device_positions (device_id, slot, lat, lon, at)
+    SELECT id, (position_seq % :history)::int, lat, lon, ts FROM moved WHERE has_pos
+    ON CONFLICT (device_id, slot) DO UPDATE
+      SET lat = EXCLUDED.lat, lon = EXCLUDED.lon, at = EXCLUDED.at
+    """
+)
+
+_APPLY_SEEN = text(
+    """
+    UPDATE devices AS d SET
+      last_seen_at = GREATEST(d.last_seen_at, i.received_at),
+      connection = CASE WHEN d.presence_at IS NULL OR i.received_at > d.presence_at
+                        THEN 'live' ELSE d.connection END,
+      presence_at = GREATEST(d.presence_at, i.received_at)
+    FROM unnest(CAST(:ids AS text[]), CAST(:received AS timestamptz[])) AS i(id, received_at)
+    WHERE d.id = i.id AND (d.last_seen_at IS NULL OR i.received_at > d.last_seen_at)
+    """
+)
+
+
+async def apply_presence(conn: Conn, rows: Sequence[dict[str, Any]]) -> None:
+    """Connection, last seen and reported firmware from presence events (one per device)."""
+    if rows:
+        await conn.execute(
+            _APPLY_PRESENCE,
+            {
+                "ids": [r["id"] for r in rows],
+                "received": [r["received_at"] for r in rows],
+                "online": [r["online"] for r in rows],
+                "will": [r["will"] for r in rows],
+                "fw": [r["fw"] for r in rows],
+            },
+        )
+
+
+_TELEMETRY_FIELDS = ("run_state", "battery_v", "fuel_pct", "engine_hours", "lat", "lon", "ts")
+
+
+async def apply_telemetry(conn: Conn, rows: Sequence[dict[str, Any]], *, history: int) -> None:
+    """Run state, readings and position from telemetry (one row per device)."""
+    if rows:
+        params: dict[str, Any] = {
+            "ids": [r["id"] for r in rows],
+            "received": [r["received_at"] for r in rows],
+            "history": history,
+        }
+        for name in _TELEMETRY_FIELDS:
+            params[name] = [r[name] for r in rows]
+        await conn.execute(_APPLY_TELEMETRY, params)
+
+
+async def apply_seen(conn: Conn, rows: Sequence[dict[str, Any]]) -> None:
+    """A device that reports (acks, OTA progress) is connected and was seen then."""
+    if rows:
+        await conn.execute(
+            _APPLY_SEEN,
+            {"ids": [r["id"] for r in rows], "received": [r["received_at"] for r in rows]},
+        )
