@@ -1,14 +1,19 @@
 """Settings of the gateway service (environment prefix `GATEWAY_`)."""
 
+import socket
 from typing import ClassVar
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from common.settings import DatabaseSettings, service_config
 
 
 class GatewaySettings(DatabaseSettings):
-    """Everything the gateway service reads from its environment."""
+    """Everything the gateway service reads from its environment.
+
+    MQTT addresses and the admin account may come from the shared prefix
+    (`AUTOGEN_MQTT_HOST`, `AUTOGEN_MQTT_PORT`, `AUTOGEN_MQTT_ADMIN_USERNAME/PASSWORD`).
+    """
 
     model_config = service_config("GATEWAY_")
     service_name: ClassVar[str] = "gateway"
@@ -18,3 +23,28 @@ class GatewaySettings(DatabaseSettings):
     database_url: SecretStr = SecretStr(
         "postgresql+asyncpg://gateway:gateway-dev@127.0.0.1:55432/gateway"
     )
+    jwks_url: str = "http://127.0.0.1:8101/.well-known/jwks.json"
+
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    # The gateway's own broker account (role `gateway`).
+    mqtt_username: str = "autogen-gateway"
+    mqtt_password: SecretStr = SecretStr("gateway-dev")
+    # The dynamic-security admin account: creates, rotates and removes device accounts.
+    mqtt_admin_username: str = "autogen-admin"
+    mqtt_admin_password: SecretStr = SecretStr("mqtt-admin-dev")
+    # Stable per replica: the broker keeps this session (and its un-acked QoS 1 messages)
+    # while the process restarts. Two live replicas must not share it.
+    mqtt_client_id: str = Field(default_factory=lambda: f"gateway-{socket.gethostname()}")
+    mqtt_share_group: str = Field(default="gateway", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    mqtt_session_expiry_s: int = Field(default=3600, ge=0)
+    # Un-acked messages the broker may have in flight to us (MQTT v5 Receive Maximum); the
+    # gateway acks only after Kafka has the event, so this is its pipeline depth.
+    mqtt_receive_maximum: int = Field(default=2000, ge=1, le=65535)
+    mqtt_keepalive_s: int = Field(default=30, ge=5)
+    mqtt_reconnect_max_s: float = Field(default=10.0, gt=0)
+    max_payload_bytes: int = Field(default=16 * 1024, ge=1)
+    # Uplinks are produced straight to Kafka (no outbox); a few ms of linger batch them.
+    uplink_linger_ms: int = Field(default=5, ge=0, le=1000)
+    dispatch_group_id: str = "gateway.dispatch"
+    mqtt_publish_timeout_s: float = Field(default=10.0, gt=0)
