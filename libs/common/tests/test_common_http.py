@@ -195,3 +195,33 @@ async def test_unhandled_error_log_carries_the_request_id(client: httpx.AsyncCli
     finally:
         logging.getLogger("common.http").removeHandler(spy)
     assert seen == ["req-500-000002"]
+
+
+async def test_a_dependency_that_is_down_answers_503_with_retry_after() -> None:
+    from fastapi import FastAPI
+    from sqlalchemy.exc import OperationalError
+
+    from common.http import install_http_conventions
+
+    app = FastAPI()
+    install_http_conventions(app)
+
+    @app.get("/db")
+    async def db() -> None:
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+
+    @app.get("/cache")
+    async def cache() -> None:
+        import redis.exceptions
+
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:56379")
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+        for path in ("/db", "/cache"):
+            response = await client.get(path)
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "5"
+            assert response.headers["content-type"].startswith("application/problem+json")
+            assert "56379" not in response.text  # no internals leak
+            assert response.headers["x-request-id"]

@@ -9,6 +9,9 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.logging import request_id_var
@@ -17,6 +20,16 @@ from common.metrics import install_http_metrics
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+RETRY_AFTER_S = 5
+# A dependency that is down: the request may succeed later, so 503 + Retry-After, never 500.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    ConnectionError,
+    TimeoutError,
+)
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{8,128}$")
 
@@ -85,13 +98,26 @@ def install_http_conventions(app: FastAPI) -> None:
         token = request_id_var.set(request_id)
         try:
             response = await call_next(request)
-        except Exception as exc:
+        except UNAVAILABLE_ERRORS as exc:
+            logger.warning("dependency unavailable", extra={"error": repr(exc)[:300]})
+            response = _unavailable()
+        except Exception as exc:  # answered here so that the 500 keeps the request id
             logger.error("unhandled error", exc_info=exc)
             response = _internal_error()
         finally:
             request_id_var.reset(token)
         response.headers[REQUEST_ID_HEADER] = request_id
         return response
+
+
+def _unavailable() -> JSONResponse:
+    response = problem_response(
+        503,
+        "Service unavailable",
+        "a dependency of this service is not answering; retry shortly",
+    )
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
 
 
 def _internal_error() -> JSONResponse:
