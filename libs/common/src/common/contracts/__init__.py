@@ -16,6 +16,7 @@ ALL_TOPICS: tuple[Topic, ...] = (  # type: ignore[type-arg]
     commands.DISPATCH,
     commands.STATUS,
     firmware.RELEASE,
+    firmware.ROLLOUT,
     tokens.TOKEN,
     platform.DEADLETTER,
 )
