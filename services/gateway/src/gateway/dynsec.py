@@ -91,7 +91,7 @@ class DynsecAdmin:
         async for message in client.messages:
             try:
                 answers = json.loads(message.payload).get("responses", [])
-            except (ValueError, AttributeError):
+            except (ValueError, TypeError, AttributeError):
                 continue
             for answer in answers:
                 future = self._pending.pop(str(answer.get("correlationData")), None)
@@ -186,3 +186,47 @@ class DynsecAdmin:
         """Does the broker hold an account for the device?"""
         answer = (await self.execute([{"command": "getClient", "username": device_id}]))[0]
         return not answer.get("error")
+
+
+async def ensure_bridge_account(
+    admin: DynsecAdmin, *, username: str, password: str, share_group: str
+) -> None:
+    """An account like the gateway's for another share group (tests, benchmarks, a 2nd pool).
+
+    Dynsec checks the subscribe ACL against the whole `$share/<group>/...` filter, so each share
+    group needs its own grant.
+    """
+    role = f"bridge:{share_group}"
+    acls = [
+        ("subscribePattern", f"$share/{share_group}/devices/+/up/#"),
+        ("subscribePattern", "devices/+/up/#"),
+        ("publishClientReceive", "devices/+/up/#"),
+        ("publishClientSend", "devices/+/down/#"),
+    ]
+    commands: list[dict[str, Any]] = [{"command": "createRole", "rolename": role}]
+    commands += [
+        {"command": "addRoleACL", "rolename": role, "acltype": t, "topic": topic, "allow": True}
+        for t, topic in acls
+    ]
+    commands.append(
+        {
+            "command": "createClient",
+            "username": username,
+            "password": password,
+            "roles": [{"rolename": role}],
+        }
+    )
+    for answer in await admin.execute(commands):
+        error = answer.get("error")
+        if error and "already exists" not in error.lower():
+            raise DynsecError(f"{answer.get('command')}: {error}")
+
+
+async def remove_bridge_account(admin: DynsecAdmin, *, username: str, share_group: str) -> None:
+    """Undo `ensure_bridge_account`."""
+    await admin.execute(
+        [
+            {"command": "deleteClient", "username": username},
+            {"command": "deleteRole", "rolename": f"bridge:{share_group}"},
+        ]
+    )
