@@ -201,7 +201,7 @@ async def test_last_will_after_unclean_disconnect_becomes_offline_presence(
         ("firmware", b"{}", "unknown uplink kind"),
     ],
 )
-async def test_malformed_uplink_is_dead_lettered_and_next_message_passes(
+async def test_malformed_uplink_is_dead_lettered_and_next_message_passes(  # noqa: PLR0917
     gateway: Any,
     tail: KafkaTail,
     admin: DynsecAdmin,
@@ -228,7 +228,7 @@ async def test_malformed_uplink_is_dead_lettered_and_next_message_passes(
 async def test_device_cannot_publish_to_or_read_another_devices_topics(
     gateway: Any, tail: KafkaTail, admin: DynsecAdmin, topic_prefix: str
 ) -> None:
-    victim, victim_password = await new_device(admin)
+    victim, _ = await new_device(admin)
     intruder, intruder_password = await new_device(admin)
     async with device_client(intruder, intruder_password) as client:
         # Reading another device's commands or uplinks: SUBACK "not authorized" (0x87).
