@@ -83,7 +83,7 @@ async def api(stack: StackAddresses, fleet_db: str, issuer: TestIssuer) -> Async
 
 
 class Helpers:
-    """Principals and request bodies for the tests (a fixture, since tests do not import conftest)."""
+    """Principals and request bodies (a fixture: tests do not import conftest)."""
 
     @staticmethod
     def admin() -> Principal:
