@@ -97,7 +97,8 @@ def create_app(
     app.state.verify = verifier
     app.state.device_consumer = consumer_stats
     app.state.fixed_verifier = internal_verifier is not None
-    app.state.verifier = internal_verifier or InternalTokenVerifier(jwks={"keys": []})
+    if internal_verifier is not None:
+        app.state.verifier = internal_verifier  # else set from the key ring in the lifespan
     install_http_conventions(app)
     app.include_router(health_router(infra.health_checks()))
     app.include_router(api.jwks_router())
