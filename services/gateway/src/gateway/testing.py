@@ -143,3 +143,36 @@ class KafkaTail:
             await asyncio.sleep(0.05)
         found = self.matching(topic, predicate)
         raise TimeoutError(f"{len(found)} of {count} records on {topic} within {timeout_s}s")
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    *,
+    database_url: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    account: BridgeAccount,
+    verifier: Any = None,
+) -> AsyncIterator[Any]:
+    """The gateway app running in this process (lifespan entered, MQTT session up)."""
+    from gateway.app import create_app  # noqa: PLC0415 - keeps this module light for the bench
+    from gateway.settings import GatewaySettings  # noqa: PLC0415
+
+    settings = GatewaySettings(
+        env="test",  # type: ignore[arg-type]
+        database_url=database_url,  # type: ignore[arg-type]
+        kafka_bootstrap_servers=kafka_bootstrap,
+        kafka_topic_prefix=topic_prefix,
+        mqtt_username=account.username,
+        mqtt_password=account.password,  # type: ignore[arg-type]
+        mqtt_share_group=account.share_group,
+        mqtt_client_id=f"test-gw-{uuid.uuid4().hex[:8]}",
+        mqtt_session_expiry_s=60,
+        outbox_poll_interval_s=0.05,
+    )
+    app = create_app(settings, verifier=verifier)
+    async with app.router.lifespan_context(app):
+        async with asyncio.timeout(20):
+            await app.state.bridge.connected.wait()
+            await app.state.admin.ready.wait()
+        yield app
