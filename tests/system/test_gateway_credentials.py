@@ -1,6 +1,7 @@
 """The internal credentials API against the real broker: issue, rotate, revoke (disconnects)."""
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 
@@ -103,10 +104,8 @@ async def test_issue_rotate_revoke(api: httpx.AsyncClient) -> None:
             while not client._disconnected.done():
                 await asyncio.sleep(0.05)
     finally:
-        try:
+        with contextlib.suppress(aiomqtt.MqttError):
             await client.__aexit__(None, None, None)
-        except aiomqtt.MqttError:
-            pass
     assert not await can_connect(device_id, new_password)
     state = (await api.get(path(device_id), headers=headers)).json()
     assert state["exists"] is False
