@@ -1,0 +1,415 @@
+"""The commands service's use cases: one function each, one transaction each.
+
+Every state change writes its events through the outbox in the same transaction
+(`command.dispatch.v1` to the gateway, `command.status.v1` for every transition), so nothing a
+caller was told is lost when the process dies.
+"""
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from commands import domain, store
+from commands.access import access_device
+from common.auth import Principal
+from common.contracts import commands as contract
+from common.contracts.commands import CommandDispatch, CommandRequest, CommandStatus
+from common.contracts.device import DevicePresence, DeviceReport, DeviceTelemetry
+from common.contracts.firmware import FirmwareRelease
+from common.contracts.fleet import FleetDevice
+from common.db import transaction
+from common.events import Envelope, new_event
+from common.idempotency import first_delivery
+from common.kafka import PermanentError
+from common.outbox import add_event
+
+logger = logging.getLogger(__name__)
+SOURCE = "commands"
+
+
+class IdempotencyMismatchError(Exception):
+    """An Idempotency-Key reused with a different request (422)."""
+
+
+class UnknownDeviceError(Exception):
+    """No device with that id in the registry (404)."""
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who asks: a principal (HTTP, scope-checked) or a service over Kafka (trusted)."""
+
+    user_id: str
+    principal: Principal | None = None
+    email: str | None = None
+    token_id: str | None = None
+
+    @property
+    def idempotency_scope(self) -> str:
+        """Keys are per principal over HTTP, and one namespace for requests over Kafka."""
+        return f"user:{self.user_id}" if self.principal is not None else "bus"
+
+
+@dataclass(frozen=True)
+class NewCommand:
+    """A request for a command, as the API or `command.request.v1` carries it."""
+
+    device_id: str
+    action: str
+    params: dict[str, Any] = field(default_factory=dict)
+    ttl_s: int | None = None
+    idempotency_key: str | None = None
+    correlation: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """What must match for a repeated Idempotency-Key to name the same command."""
+        body = {
+            "device_id": self.device_id,
+            "action": self.action,
+            "params": self.params,
+            "ttl_s": self.ttl_s,
+        }
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The command a request made (or had made before, when `replayed`)."""
+
+    row: Row[Any]
+    replayed: bool
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class CommandService:
+    """The use cases, bound to the database and the clock."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    run_state_window: timedelta = timedelta(seconds=60)
+    clock: Callable[[], datetime] = _now
+    sweep_batch: int = 500
+
+    # ------------------------------------------------------------ accept
+
+    async def accept(self, new: NewCommand, who: Requester) -> Accepted:
+        """Validate and store a command with its dispatch event, or return the keyed one."""
+        try:
+            return await self._accept(new, who)
+        except IntegrityError:
+            # Two requests raced with the same key: the loser finds the winner's command.
+            return await self._accept(new, who)
+
+    async def _accept(self, new: NewCommand, who: Requester) -> Accepted:
+        async with transaction(self.sessions) as session:
+            # The device row lock serialises accepts per device (the OTA check below).
+            device = await store.get_device(session, new.device_id, lock=True)
+            if who.principal is not None:
+                device = access_device(who.principal, device, new.device_id, "control")
+            if new.idempotency_key is not None:
+                found = await store.find_by_key(session, who.idempotency_scope, new.idempotency_key)
+                if found is not None:
+                    if found.fingerprint != new.fingerprint():
+                        raise IdempotencyMismatchError(new.idempotency_key)
+                    return Accepted(found, replayed=True)
+            if device is None:
+                raise UnknownDeviceError(new.device_id)
+            ttl_s = domain.resolve_ttl(new.action, new.ttl_s)
+            params = domain.check_params(new.action, new.params, device)
+            dispatch_params, version = await self._resolve(session, new.action, params, device)
+            if new.action in domain.RUN_STATE_OF:
+                await self._refuse_during_update(session, device.device_id)
+            now = self.clock()
+            values = self._row(new, who, now=now, ttl_s=ttl_s, params=params)
+            values.update(status="queued", dispatch_params=dispatch_params, ota_version=version)
+            await store.insert_command(session, values)
+            row = await store.get_command(session, values["id"])
+            assert row is not None  # noqa: S101 - inserted just above
+            await self._dispatch(session, row)
+            await self._record(session, store.to_domain(row), "commands", now)
+        return Accepted(row, replayed=False)
+
+    async def _resolve(
+        self, session: AsyncSession, action: str, params: dict[str, Any], device: domain.Device
+    ) -> tuple[dict[str, Any], str | None]:
+        if action not in domain.OTA_ACTIONS:
+            return params, None
+        release = await store.get_release(session, params["release_id"])
+        if release is None:
+            raise domain.InvalidCommandError(
+                "params.release_id", f"unknown release {params['release_id']!r}"
+            )
+        mismatch = domain.release_mismatch(release, device)
+        if mismatch is not None:
+            raise domain.InvalidCommandError("params.release_id", mismatch)
+        return domain.ota_params(release), release.version
+
+    async def _refuse_during_update(self, session: AsyncSession, device_id: str) -> None:
+        active = await store.active_for_device(
+            session, device_id, actions=tuple(domain.OTA_ACTIONS)
+        )
+        now = self.clock()
+        for row in active:
+            cmd = store.to_domain(row)
+            if cmd.updating and now < cmd.expires_at:
+                doing = cmd.ota_phase or cmd.status
+                raise domain.CommandConflictError(
+                    f"a firmware update ({cmd.action} {cmd.id}, {doing}) is running on "
+                    f"{device_id}; Start and Stop wait until it ends"
+                )
+
+    def _row(
+        self, new: NewCommand, who: Requester, *, now: datetime, ttl_s: int, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {
+            "id": str(uuid.uuid4()),
+            "device_id": new.device_id,
+            "action": new.action,
+            "params": params,
+            "created_at": now,
+            "updated_at": now,
+            "expires_at": now + timedelta(seconds=ttl_s),
+            "requested_by": who.user_id,
+            "requested_by_email": who.email,
+            "token_id": who.token_id,
+            "origin": "api" if who.principal is not None else "bus",
+            "idempotency_scope": who.idempotency_scope if new.idempotency_key else None,
+            "idempotency_key": new.idempotency_key,
+            "fingerprint": new.fingerprint() if new.idempotency_key else None,
+            "correlation": new.correlation,
+        }
+
+    async def handle_request(self, event: Envelope[CommandRequest]) -> None:
+        """A service's request over Kafka: the same lifecycle; refusals end `rejected`."""
+        req = event.data
+        new = NewCommand(
+            device_id=req.device_id,
+            action=req.action,
+            params=dict(req.params),
+            ttl_s=req.ttl_s,
+            idempotency_key=req.request_id,
+            correlation=dict(req.correlation),
+        )
+        who = Requester(user_id=req.requested_by)
+        try:
+            await self.accept(new, who)
+        except IdempotencyMismatchError as exc:
+            # Nothing sensible to reject: the key names another command. Keep the record.
+            raise PermanentError(f"request_id {exc} was used for a different command") from exc
+        except UnknownDeviceError:
+            await self._reject(new, who, f"device_id: no device {req.device_id!r}")
+        except domain.InvalidCommandError as exc:
+            await self._reject(new, who, str(exc))
+        except domain.CommandConflictError as exc:
+            await self._reject(new, who, str(exc))
+
+    async def _reject(self, new: NewCommand, who: Requester, reason: str) -> None:
+        async with transaction(self.sessions) as session:
+            if await store.find_by_key(session, who.idempotency_scope, new.idempotency_key or ""):
+                return
+            now = self.clock()
+            values = self._row(new, who, now=now, ttl_s=0, params=new.params)
+            values.update(status="rejected", detail=reason, dispatch_params={})
+            await store.insert_command(session, values)
+            row = await store.get_command(session, values["id"])
+            assert row is not None  # noqa: S101
+            await self._record(session, store.to_domain(row), "commands", now)
+
+    # ------------------------------------------------------------ events from the gateway
+
+    async def apply_report(self, event: Envelope[DeviceReport]) -> None:
+        """A device's ack or OTA progress."""
+        report = event.data
+        async with transaction(self.sessions) as session:
+            row = await store.get_command(session, report.command_id, lock=True)
+            if row is None or row.device_id != report.device_id:
+                logger.info(
+                    "report for an unknown command ignored",
+                    extra={"command_id": report.command_id, "device_id": report.device_id},
+                )
+                return
+            cmd = store.to_domain(row)
+            at = report.received_at
+            if report.kind == "ack" and report.status is not None:
+                state = await store.get_state(session, report.device_id)
+                change = domain.on_ack(
+                    cmd,
+                    report.status,
+                    report.detail,
+                    at,
+                    run_state=state.run_state if state else None,
+                    run_state_at=state.run_state_at if state else None,
+                    fw=state.fw if state and state.online else None,
+                    fw_at=state.presence_at if state else None,
+                )
+            elif report.kind == "ota" and report.phase is not None:
+                change = domain.on_ota_phase(
+                    cmd, report.phase, report.progress_pct, report.detail, at
+                )
+            else:
+                return
+            await self._apply(session, change, "device")
+
+    async def apply_gateway_status(self, event: Envelope[CommandStatus]) -> None:
+        """The gateway's `sent` or `expired` (our own status events are skipped)."""
+        status = event.data
+        if status.reporter != "gateway":
+            return
+        async with transaction(self.sessions) as session:
+            row = await store.get_command(session, status.command_id, lock=True)
+            if row is None:
+                return
+            change = domain.on_gateway_status(store.to_domain(row), status.status, status.detail)
+            await self._apply(session, change, "gateway")
+
+    async def apply_telemetry(self, event: Envelope[DeviceTelemetry]) -> None:
+        """Remember the run state; a finished Start/Stop it confirms succeeds."""
+        data = event.data
+        if data.run_state is None:
+            return
+        async with transaction(self.sessions) as session:
+            await store.record_run_state(
+                session, data.device_id, run_state=data.run_state, at=data.received_at
+            )
+            waiting = await store.active_for_device(
+                session, data.device_id, actions=tuple(domain.RUN_STATE_OF), lock=True
+            )
+            for row in waiting:
+                change = domain.on_run_state(store.to_domain(row), data.run_state, data.received_at)
+                await self._apply(session, change, "device")
+
+    async def apply_presence(self, event: Envelope[DevicePresence]) -> None:
+        """Online/offline: ends OTAs, and hands undelivered commands over again on reconnect."""
+        data = event.data
+        online = data.state == "online"
+        async with transaction(self.sessions) as session:
+            if not await first_delivery(
+                session, store.processed_events, consumer="presence", event_id=event.event_id
+            ):
+                return
+            was_online = await store.record_presence(
+                session, data.device_id, online=online, fw=data.fw, at=data.received_at
+            )
+            if not online:
+                return
+            now = self.clock()
+            for row in await store.active_for_device(session, data.device_id, lock=True):
+                cmd = store.to_domain(row)
+                change = domain.on_presence(cmd, online, data.fw, data.received_at)
+                if change is not None:
+                    await self._apply(session, change, "device")
+                elif (
+                    was_online is not True
+                    and cmd.created_at < data.received_at
+                    and domain.needs_redispatch(cmd, now)
+                ):
+                    await self._dispatch(session, row)
+
+    async def apply_fleet_device(self, event: Envelope[FleetDevice]) -> None:
+        """Keep the ownership snapshot for scope checks and release matching."""
+        d = event.data
+        async with transaction(self.sessions) as session:
+            await store.upsert_device(
+                session,
+                {
+                    "device_id": d.device_id,
+                    "dealer_id": d.dealer_id,
+                    "customer_email": d.customer_email,
+                    "model": d.model,
+                    "engine": d.engine,
+                    "transport": d.transport,
+                    "deleted": d.deleted,
+                },
+            )
+
+    async def apply_release(self, event: Envelope[FirmwareRelease]) -> None:
+        """Keep the release's artifact and target variant for OTA requests."""
+        r = event.data
+        async with transaction(self.sessions) as session:
+            await store.upsert_release(
+                session,
+                {
+                    "release_id": r.release_id,
+                    "version": r.version,
+                    "models": list(r.models),
+                    "engine": r.engine,
+                    "transport": r.transport,
+                    "artifact_url": r.artifact_url,
+                    "sha256": r.sha256,
+                    "size": r.size,
+                    "withdrawn": r.withdrawn,
+                },
+            )
+
+    # ------------------------------------------------------------ time
+
+    async def sweep(self) -> int:
+        """Expire what got no result in its TTL; fail unconfirmed Start/Stop. Returns how many."""
+        now = self.clock()
+        async with transaction(self.sessions) as session:
+            rows = await store.due(
+                session, now, run_state_cutoff=now - self.run_state_window, limit=self.sweep_batch
+            )
+            changed = 0
+            for row in rows:
+                change = domain.on_sweep(store.to_domain(row), now, self.run_state_window)
+                if change is not None:
+                    await self._apply(session, change, "commands")
+                    changed += 1
+        return changed
+
+    # ------------------------------------------------------------ helpers
+
+    async def _apply(self, session: AsyncSession, change: domain.Change | None, by: str) -> None:
+        if change is None:
+            return
+        now = self.clock()
+        await store.save(session, change.command, now)
+        if change.moved:
+            await self._record(session, change.command, by, now)
+
+    async def _record(
+        self, session: AsyncSession, cmd: domain.Command, by: str, at: datetime
+    ) -> None:
+        await store.add_transition(
+            session, cmd.id, status=cmd.status, detail=cmd.detail, reporter=by, at=at
+        )
+        status = CommandStatus(
+            command_id=cmd.id,
+            device_id=cmd.device_id,
+            action=cmd.action,
+            status=cmd.status,
+            detail=cmd.detail,
+            at=at,
+            reporter="commands",
+            correlation=cmd.correlation,
+        )
+        event = new_event(
+            type=contract.STATUS.event_type, data=status, source=SOURCE, key=cmd.device_id
+        )
+        await add_event(session, store.outbox, contract.STATUS, event)
+
+    async def _dispatch(self, session: AsyncSession, row: Row[Any]) -> None:
+        dispatch = CommandDispatch(
+            command_id=row.id,
+            device_id=row.device_id,
+            action=row.action,
+            params=dict(row.dispatch_params),
+            expires_at=row.expires_at,
+        )
+        event = new_event(
+            type=contract.DISPATCH.event_type, data=dispatch, source=SOURCE, key=row.device_id
+        )
+        await add_event(session, store.outbox, contract.DISPATCH, event)
