@@ -53,7 +53,7 @@ class GatewayProcess:
 
     async def start(self) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
                 [sys.executable, "-m", "gateway", "serve"], env=self.env, stdout=out, stderr=out
             )
         deadline = time.monotonic() + 60
