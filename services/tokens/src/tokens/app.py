@@ -20,7 +20,7 @@ from tokens.cache import VerifyCache
 from tokens.handlers import Context
 from tokens.keys import KeyPolicy, KeyRing
 from tokens.settings import TokensSettings
-from tokens.verify import Verifier, VerifyEndpoint
+from tokens.verify import ASGIApp, Verifier, VerifyEndpoint
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +103,24 @@ def create_app(
     app.include_router(health_router(infra.health_checks()))
     app.include_router(api.jwks_router())
     app.include_router(api.router)
-    # Outermost of the app's own middleware: /auth/verify skips routing and per-request layers.
-    app.add_middleware(VerifyEndpoint, get_verifier=lambda: verifier)
     instrument_app(app, infra.tracer_provider)
+    _serve_verify_first(app, verifier)
     return app
+
+
+def _serve_verify_first(app: FastAPI, verifier: Verifier) -> None:
+    """Put `/auth/verify` in front of the whole middleware stack, tracing included.
+
+    It runs once per API request at the gateway, so it skips routing, the request-id
+    middleware and a server span (measured: about half the cost of a cached verify); nginx's
+    access log keeps the request id of every verify.
+    """
+    build = app.build_middleware_stack
+
+    def build_with_verify() -> ASGIApp:
+        return VerifyEndpoint(build(), lambda: verifier)
+
+    app.build_middleware_stack = build_with_verify  # type: ignore[method-assign]
 
 
 async def _keys_loop(ctx: Context, app: FastAPI, stop: asyncio.Event) -> None:
