@@ -1,0 +1,52 @@
+"""Fixtures for the commands service's tests against the real stack."""
+
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # the tests' helper module (importlib mode)
+
+from commands_testkit import TOPICS, Api, Bus, settings_for
+
+from commands.app import create_app
+from common.testing.auth import TestIssuer
+from common.testing.plugin import KafkaTopics, Migrate
+from common.testing.stack import StackAddresses
+
+
+@pytest.fixture(scope="session")
+def issuer() -> TestIssuer:
+    return TestIssuer()
+
+
+@pytest.fixture(scope="session")
+async def topics(kafka_topics: KafkaTopics) -> list[str]:
+    return await kafka_topics.create(*(t.name for t in TOPICS))
+
+
+@pytest.fixture(scope="session")
+async def commands_db(fresh_database: Migrate) -> str:
+    return await fresh_database("commands")
+
+
+@pytest.fixture
+async def api(
+    stack: StackAddresses,
+    commands_db: str,
+    topics: list[str],
+    topic_prefix: str,
+    issuer: TestIssuer,
+) -> AsyncIterator[Api]:
+    app = create_app(settings_for(stack, commands_db, topic_prefix), verifier=issuer.verifier())
+    bus = Bus(stack.kafka_bootstrap_servers, topic_prefix)
+    await bus.start()
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://commands") as client:
+                yield Api(client, issuer, bus)
+    finally:
+        await bus.stop()
