@@ -1,17 +1,12 @@
 """Fixtures for the commands service's tests against the real stack."""
 
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # the tests' helper module (importlib mode)
-
-from commands_testkit import TOPICS, Api, Bus, settings_for
-
 from commands.app import create_app
+from commands.testing import TOPICS, Api, Bus, settings_for
 from common.testing.auth import TestIssuer
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses

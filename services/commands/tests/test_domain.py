@@ -206,13 +206,6 @@ def test_gateway_expiry_does_not_override_an_ack() -> None:
     assert change.status == "expired"
 
 
-def test_redispatch_only_what_the_device_has_not_taken_and_may_still_run() -> None:
-    assert domain.needs_redispatch(cmd(status="sent"), at(10))
-    assert domain.needs_redispatch(cmd(status="queued"), at(10))
-    assert not domain.needs_redispatch(cmd(status="acked"), at(10))
-    assert not domain.needs_redispatch(cmd(status="sent"), at(121))
-
-
 # ------------------------------------------------------------------ request checks
 
 

@@ -347,14 +347,5 @@ def on_sweep(cmd: Command, now: datetime, run_state_window: timedelta) -> Change
     return None
 
 
-def needs_redispatch(cmd: Command, now: datetime) -> bool:
-    """Whether to hand the command to the gateway again when its device comes back online.
-
-    Only what the device has not taken yet, and only while the TTL allows; never a command the
-    device acked (the device dedupes by command id anyway).
-    """
-    return cmd.status in ("queued", "sent") and now < cmd.expires_at
-
-
 def _since(at: datetime | None, start: datetime) -> bool:
     return at is not None and at >= start

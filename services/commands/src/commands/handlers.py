@@ -28,7 +28,6 @@ from common.contracts.firmware import FirmwareRelease
 from common.contracts.fleet import FleetDevice
 from common.db import transaction
 from common.events import Envelope, new_event
-from common.idempotency import first_delivery
 from common.kafka import PermanentError
 from common.outbox import add_event
 
@@ -291,31 +290,26 @@ class CommandService:
                 await self._apply(session, change, "device")
 
     async def apply_presence(self, event: Envelope[DevicePresence]) -> None:
-        """Online/offline: ends OTAs, and hands undelivered commands over again on reconnect."""
+        """Online/offline with the firmware it runs: the end of an OTA.
+
+        Nothing is re-sent on reconnect: the gateway delivers each command id once at QoS 1 to
+        the device's persistent MQTT session, and the broker hands it over when the device
+        returns (see the README, "Offline devices").
+        """
         data = event.data
         online = data.state == "online"
         async with transaction(self.sessions) as session:
-            if not await first_delivery(
-                session, store.processed_events, consumer="presence", event_id=event.event_id
-            ):
-                return
-            was_online = await store.record_presence(
+            await store.record_presence(
                 session, data.device_id, online=online, fw=data.fw, at=data.received_at
             )
             if not online:
                 return
-            now = self.clock()
-            for row in await store.active_for_device(session, data.device_id, lock=True):
-                cmd = store.to_domain(row)
-                change = domain.on_presence(cmd, online, data.fw, data.received_at)
-                if change is not None:
-                    await self._apply(session, change, "device")
-                elif (
-                    was_online is not True
-                    and cmd.created_at < data.received_at
-                    and domain.needs_redispatch(cmd, now)
-                ):
-                    await self._dispatch(session, row)
+            ota = await store.active_for_device(
+                session, data.device_id, actions=tuple(domain.OTA_ACTIONS), lock=True
+            )
+            for row in ota:
+                change = domain.on_presence(store.to_domain(row), online, data.fw, data.received_at)
+                await self._apply(session, change, "device")
 
     async def apply_fleet_device(self, event: Envelope[FleetDevice]) -> None:
         """Keep the ownership snapshot for scope checks and release matching."""

@@ -208,11 +208,8 @@ async def get_state(conn: Conn, device_id: str) -> Row[Any] | None:
 
 async def record_presence(
     conn: Conn, device_id: str, *, online: bool, fw: str | None, at: datetime
-) -> bool | None:
-    """Store a presence report unless a newer one is known; returns the previous `online`."""
-    previous = await conn.scalar(
-        select(device_state.c.online).where(device_state.c.device_id == device_id).with_for_update()
-    )
+) -> None:
+    """Store a presence report unless a newer one is known."""
     stmt = insert(device_state).values(device_id=device_id, online=online, fw=fw, presence_at=at)
     newer = or_(device_state.c.presence_at.is_(None), device_state.c.presence_at <= at)
     fw_value = stmt.excluded.fw if fw is not None else device_state.c.fw
@@ -223,7 +220,6 @@ async def record_presence(
             where=newer,
         )
     )
-    return bool(previous) if previous is not None else None
 
 
 async def record_run_state(conn: Conn, device_id: str, *, run_state: str, at: datetime) -> None:

@@ -1,5 +1,5 @@
-"""Helpers for the commands service's tests against the real stack: the app with its consumers,
-and a `Bus` that plays fleet, firmware, the gateway and devices. Fixtures are in conftest.py."""
+"""Test helpers (for this service's tests and the system tests): a `Bus` that plays fleet,
+firmware, the gateway and devices on Kafka, and an HTTP client signing as a principal."""
 
 import asyncio
 import json
@@ -37,15 +37,19 @@ ADMIN = Principal(user_id="admin-1", email="admin@x.test", role="admin")
 DEALER_1 = Principal(user_id="staff-1", email="staff@d1.test", role="dealer", dealer_id="dealer-1")
 DEALER_2 = Principal(user_id="staff-2", email="staff@d2.test", role="dealer", dealer_id="dealer-2")
 READER_1 = Principal(
-    user_id="staff-1", role="dealer", dealer_id="dealer-1", access="read", token_id="tok-r"
+    user_id="staff-1",
+    role="dealer",
+    dealer_id="dealer-1",
+    access="read",
+    token_id="tok-r",  # noqa: S106 - an id, not a secret
 )
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], *, timeout: float = 20.0, interval: float = 0.05
+    check: Callable[[], Awaitable[Any]], *, deadline_s: float = 20.0, interval: float = 0.05
 ) -> Any:
     """Wait for `check()` to return something truthy; returns it."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(deadline_s):
         while True:
             found = await check()
             if found:
@@ -96,7 +100,8 @@ class Bus:
             await self.producer.stop()
 
     async def publish(self, topic: Topic[Any], data: BaseModel, key: str) -> None:
-        assert self.producer is not None
+        if self.producer is None:
+            raise RuntimeError("Bus.start() first")
         event = new_event(type=topic.event_type, data=data, source="test", key=key)
         await self.producer.send_and_wait(self.prefix + topic.name, encode(event), key=key.encode())
 
@@ -118,7 +123,7 @@ class Bus:
                 name=device_id,
                 model=model,
                 engine=engine,
-                transport=transport,  # type: ignore[arg-type]
+                transport=transport,
                 gps=False,
                 dealer_id=dealer_id,
                 customer_email=None,
@@ -145,7 +150,7 @@ class Bus:
             command_id=cmd["id"],
             device_id=cmd["device_id"],
             action=cmd["action"],
-            status=status,  # type: ignore[arg-type]
+            status=status,
             at=datetime.now(UTC),
             reporter="gateway",
         )
@@ -157,7 +162,7 @@ class Bus:
             received_at=datetime.now(UTC),
             kind="ack",
             command_id=cmd["id"],
-            status=status,  # type: ignore[arg-type]
+            status=status,
             detail=detail,
         )
         await self.publish(device.REPORT, data, cmd["device_id"])
@@ -168,7 +173,7 @@ class Bus:
             received_at=datetime.now(UTC),
             kind="ota",
             command_id=cmd["id"],
-            phase=phase,  # type: ignore[arg-type]
+            phase=phase,
             progress_pct=pct,
         )
         await self.publish(device.REPORT, data, cmd["device_id"])
@@ -179,7 +184,7 @@ class Bus:
             device_id=device_id,
             received_at=now,
             ts=now,
-            run_state=run_state,  # type: ignore[arg-type]
+            run_state=run_state,
             battery_v=12.6,
         )
         await self.publish(device.TELEMETRY, data, device_id)
@@ -188,7 +193,7 @@ class Bus:
         data = device.DevicePresence(
             device_id=device_id,
             received_at=datetime.now(UTC),
-            state=state,  # type: ignore[arg-type]
+            state=state,
             fw=fw,
         )
         await self.publish(device.PRESENCE, data, device_id)
@@ -246,18 +251,19 @@ class Api:
         response = await self.client.get(
             f"/api/v1/commands/{command_id}", headers=self.as_(principal)
         )
-        assert response.status_code == 200, response.text
+        if response.status_code != 200:
+            raise AssertionError(response.text)
         body: dict[str, Any] = response.json()
         return body
 
     async def wait_status(
-        self, command_id: str, status: str, timeout: float = 20.0
+        self, command_id: str, status: str, deadline_s: float = 20.0
     ) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
             body = await self.get(command_id)
             return body if body["status"] == status else None
 
-        found: dict[str, Any] = await eventually(check, timeout=timeout)
+        found: dict[str, Any] = await eventually(check, deadline_s=deadline_s)
         return found
 
     async def known(self, device_id: str) -> None:
