@@ -99,6 +99,9 @@ def gateway_env(
             "GATEWAY_MQTT_SESSION_EXPIRY_S": "120",
             "GATEWAY_HTTP_PORT": str(port),
             "GATEWAY_LOG_LEVEL": "WARNING",
+            # A long linger keeps many events in the producer's buffer at any moment, so a kill
+            # always catches some uplinks received but not yet in Kafka.
+            "GATEWAY_UPLINK_LINGER_MS": "300",
         }
     )
     return env
