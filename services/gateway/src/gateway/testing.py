@@ -159,12 +159,12 @@ async def running_gateway(
     from gateway.settings import GatewaySettings  # noqa: PLC0415
 
     settings = GatewaySettings(
-        env="test",  # type: ignore[arg-type]
-        database_url=database_url,  # type: ignore[arg-type]
+        env="test",
+        database_url=database_url,
         kafka_bootstrap_servers=kafka_bootstrap,
         kafka_topic_prefix=topic_prefix,
         mqtt_username=account.username,
-        mqtt_password=account.password,  # type: ignore[arg-type]
+        mqtt_password=account.password,
         mqtt_share_group=account.share_group,
         mqtt_client_id=f"test-gw-{uuid.uuid4().hex[:8]}",
         mqtt_session_expiry_s=60,

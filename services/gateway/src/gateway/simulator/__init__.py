@@ -1,0 +1,1 @@
+"""Simulated AutoGen controllers speaking the device protocol (`python -m gateway.simulator`)."""
