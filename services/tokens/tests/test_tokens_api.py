@@ -212,7 +212,7 @@ async def test_access_matrix(world: World, endpoint: str, who: str) -> None:
             "/auth/verify", headers={"Authorization": f"Bearer {world.bearers[who]}"}
         )
     elif endpoint == "POST /users":
-        body = {
+        body: dict[str, Any] = {
             "email": email(f"new-{n}"),
             "password": PASSWORD,
             "name": "New",
@@ -223,7 +223,7 @@ async def test_access_matrix(world: World, endpoint: str, who: str) -> None:
     elif endpoint == "POST /dealers":
         response = await world.call(who, "POST", "/api/v1/dealers", {"name": f"D-{n}"})
     elif endpoint == "POST /tokens":
-        body: dict[str, Any] = {
+        body = {
             "name": "m",
             "user_id": world.ids["custA"],
             "access": "read",
