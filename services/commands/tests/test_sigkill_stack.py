@@ -1,0 +1,194 @@
+"""SIGKILL of the real commands process between accept and dispatch loses nothing.
+
+The service runs as `python -m commands serve` in a subprocess. The test holds the outbox
+relay's advisory lock, so accepted commands cannot be published: the process is killed with
+their dispatch events still in the outbox. After a restart every accepted command is
+dispatched exactly once and completes.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from commands import store
+from commands.testing import ADMIN, DEALER_1, Bus, eventually, new_id
+from common.testing.auth import TestIssuer
+from common.testing.plugin import Migrate
+from common.testing.stack import StackAddresses
+
+pytestmark = pytest.mark.stack
+
+COMMANDS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def jwks_server(issuer: TestIssuer) -> Iterator[str]:
+    """Serves the test issuer's public keys, as the tokens service would."""
+    body = json.dumps(issuer.jwks).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            return
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+    finally:
+        server.shutdown()
+
+
+@asynccontextmanager
+async def commands_process(
+    env: dict[str, str], port: int
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "commands", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient() as client:
+
+            async def ready() -> bool:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(log.read().decode(errors="replace")[-3000:])
+                try:
+                    r = await client.get(f"http://127.0.0.1:{port}/readyz")
+                except httpx.TransportError:
+                    return False
+                return r.status_code == 200
+
+            await eventually(ready, deadline_s=60, interval=0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+async def test_sigkill_between_accept_and_dispatch_loses_nothing(
+    stack: StackAddresses,
+    fresh_database: Migrate,
+    topics: list[str],
+    topic_prefix: str,
+    issuer: TestIssuer,
+) -> None:
+    url = await fresh_database("commands")
+    port = free_port()
+    bus = Bus(stack.kafka_bootstrap_servers, topic_prefix)
+    await bus.start()
+    device_id = new_id()
+    await bus.device_registered(device_id)
+    lock_key = zlib.crc32(f"outbox-relay:{store.outbox.fullname}".encode())
+    plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
+    holder = await asyncpg.connect(plain_url)
+    try:
+        with jwks_server(issuer) as jwks_url:
+            env = {
+                **os.environ,
+                "COMMANDS_DATABASE_URL": url,
+                "COMMANDS_KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap_servers,
+                "COMMANDS_REDIS_URL": stack.redis_url,
+                "COMMANDS_KAFKA_TOPIC_PREFIX": topic_prefix,
+                "COMMANDS_HTTP_PORT": str(port),
+                "COMMANDS_JWKS_URL": jwks_url,
+                "COMMANDS_LOG_LEVEL": "WARNING",
+                "COMMANDS_OUTBOX_POLL_INTERVAL_S": "0.05",
+            }
+            base = f"http://127.0.0.1:{port}/api/v1"
+            accepted: list[str] = []
+            async with commands_process(env, port) as proc, httpx.AsyncClient() as client:
+
+                async def known() -> bool:
+                    r = await client.get(
+                        f"{base}/devices/{device_id}/commands", headers=issuer.headers(ADMIN)
+                    )
+                    return r.status_code == 200
+
+                await eventually(known, deadline_s=30)
+                # From here on the relay cannot publish: it never gets its lock.
+                await holder.execute("SELECT pg_advisory_lock($1)", lock_key)
+                for _ in range(COMMANDS):
+                    r = await client.post(
+                        f"{base}/devices/{device_id}/commands",
+                        json={"action": "reboot"},
+                        headers=issuer.headers(DEALER_1),
+                    )
+                    assert r.status_code == 202, r.text
+                    accepted.append(r.json()["id"])
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=10)
+
+            pending = await holder.fetchval(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND topic = $1",
+                "command.dispatch.v1",
+            )
+            assert pending == COMMANDS, "the kill did not land between accept and dispatch"
+            assert not [d for d in bus.dispatches if d["device_id"] == device_id]
+            await holder.execute("SELECT pg_advisory_unlock($1)", lock_key)
+
+            port = free_port()
+            env["COMMANDS_HTTP_PORT"] = str(port)
+            base = f"http://127.0.0.1:{port}/api/v1"
+            async with commands_process(env, port), httpx.AsyncClient() as client:
+
+                async def all_dispatched() -> bool:
+                    return all(bus.dispatches_of(c) for c in accepted)
+
+                await eventually(all_dispatched, deadline_s=30)
+                for command_id in accepted:
+                    assert len(bus.dispatches_of(command_id)) == 1
+                    cmd = {"id": command_id, "device_id": device_id, "action": "reboot"}
+                    await bus.gateway_status(cmd, "sent")
+                    await bus.ack(cmd, "accepted")
+                    await bus.ack(cmd, "succeeded")
+
+                async def all_succeeded() -> bool:
+                    for command_id in accepted:
+                        r = await client.get(
+                            f"{base}/commands/{command_id}", headers=issuer.headers(DEALER_1)
+                        )
+                        if r.json()["status"] != "succeeded":
+                            return False
+                    return True
+
+                await eventually(all_succeeded, deadline_s=30, interval=0.2)
+                await asyncio.sleep(0)
+    finally:
+        await holder.close()
+        await bus.stop()
