@@ -16,6 +16,9 @@ router = APIRouter()
 CONSOLES: tuple[Console, ...] = ("xpro", "unified", "ultra")
 ROLLOUT_ACTIONS = ("pause", "resume", "clear")
 COUNT_KEYS = ("pending", "sent", "updating", "awaiting_return", "confirmed", "failed")
+# Validation (and rollout device) states after which nothing changes any more.
+FINISHED_DEVICE_STATES = frozenset({"confirmed", "failed", "cancelled", "skipped"})
+MAX_RELEASES_SHOWN = 20
 
 
 def console_spec(console: Console) -> dict[str, Any]:
@@ -81,6 +84,33 @@ def release_console(rollout: dict[str, Any]) -> str | None:
     return None
 
 
+async def validations_of(session: Session, release_id: str) -> tuple[list[Any], str]:
+    """The caller's validations of a release (its test devices' progress), or why not."""
+    try:
+        page = await session.api.page(f"firmware/releases/{quote(release_id, safe='')}/validations")
+    except ApiError as exc:
+        return [], exc.detail
+    return page.items, ""
+
+
+def validations_context(release_id: str, items: list[Any], error: str) -> dict[str, Any]:
+    """What `_validations.html` shows; it keeps polling while a validation is under way."""
+    running = any(v.get("state") not in FINISHED_DEVICE_STATES for v in items)
+    return {"release_id": release_id, "validations": items, "validations_error": error,
+            "running": running}  # fmt: skip
+
+
+@router.get("/firmware/releases/{release_id}/validations")
+async def validations_fragment(
+    request: Request, session: SessionDep, release_id: str
+) -> HTMLResponse:
+    """A release's validations (polled while one is under way)."""
+    items, error = await validations_of(session, release_id)
+    return render(
+        request, "_validations.html", session, **validations_context(release_id, items, error)
+    )
+
+
 @router.get("/firmware")
 async def firmware_index() -> RedirectResponse:
     """The X Pro console comes first in the menu."""
@@ -100,7 +130,7 @@ async def firmware_console(request: Request, session: SessionDep, console: str) 
     if complete:
         try:
             page = await session.api.page(
-                "firmware/releases", console=console, limit=100, **variant
+                "firmware/releases", console=console, limit=MAX_RELEASES_SHOWN, **variant
             )
             releases = page.items
         except ApiError as exc:
@@ -118,10 +148,15 @@ async def firmware_console(request: Request, session: SessionDep, console: str) 
     except ApiError as exc:
         errors.append(exc.detail)
     candidates = {str(r.get("id")): [d for d in devices if fits(d, r)] for r in releases}
+    validations = {}
+    for r in releases:
+        items, error = await validations_of(session, str(r.get("id")))
+        validations[str(r.get("id"))] = validations_context(str(r.get("id")), items, error)
     q = request.query_params
     return render(
         request, "firmware.html", session, spec=spec, variant=variant, complete=complete,
         releases=releases, candidates=candidates, rollouts=rollouts, errors=errors,
+        validations=validations,
         consoles=[console_spec(c) for c in CONSOLES], count_keys=COUNT_KEYS,
         notice=q.get("notice", "")[:500], error=q.get("error", "")[:500],
         back=f"/firmware/{console}?{urlencode(variant)}",
