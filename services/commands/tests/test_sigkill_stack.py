@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -70,11 +71,9 @@ def jwks_server(issuer: TestIssuer) -> Iterator[str]:
 async def commands_process(
     env: dict[str, str], port: int
 ) -> AsyncIterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "commands", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed after the process ends
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a child process the test kills on purpose
+        [sys.executable, "-m", "commands", "serve"], env=env, stdout=log, stderr=log
     )
     try:
         async with httpx.AsyncClient() as client:
