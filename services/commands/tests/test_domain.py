@@ -180,6 +180,16 @@ def test_presence_before_the_update_started_is_not_a_verdict() -> None:
     assert domain.on_presence(cmd("fw_update", status="acked"), True, "2.4.1", at(1)) is None
 
 
+def test_reboot_succeeds_when_the_device_returns_after_accepting_it() -> None:
+    accepted = domain.on_ack(cmd(status="sent"), "accepted", None, at(1))
+    assert accepted is not None
+    assert domain.on_presence(accepted.command, True, "2.4.1", at(0.5)) is None
+    back = domain.on_presence(accepted.command, True, "2.4.1", at(5))
+    assert back is not None
+    assert back.status == "succeeded"
+    assert domain.on_presence(cmd(status="sent"), True, "2.4.1", at(5)) is None
+
+
 def test_only_a_running_update_blocks_start_and_stop() -> None:
     assert cmd("force_ota", status="queued").updating
     assert not cmd("fw_update", status="acked").updating  # waits for the engine to stop

@@ -309,9 +309,18 @@ def on_run_state(cmd: Command, run_state: str, at: datetime) -> Change | None:
     return _move(cmd, "succeeded", f"telemetry shows {run_state}")
 
 
-def on_presence(cmd: Command, online: bool, fw: str | None, at: datetime) -> Change | None:
-    """The device came (back) online with firmware `fw`: the end of an OTA."""
-    if cmd.terminal or cmd.action not in OTA_ACTIONS or not online or fw is None:
+def on_presence(  # noqa: PLR0911 - one return per lifecycle case
+    cmd: Command, online: bool, fw: str | None, at: datetime
+) -> Change | None:
+    """The device came (back) online with firmware `fw`: the end of an OTA or a reboot."""
+    if cmd.terminal or not online:
+        return None
+    if cmd.action == "reboot":
+        # A device that accepted a reboot goes offline; its return is the result.
+        if cmd.status == "acked" and cmd.acked_at is not None and at > cmd.acked_at:
+            return _move(cmd, "succeeded", "device is back online after the reboot")
+        return None
+    if cmd.action not in OTA_ACTIONS or fw is None:
         return None
     if at < cmd.created_at or cmd.status == "queued":
         return None

@@ -290,7 +290,7 @@ class CommandService:
                 await self._apply(session, change, "device")
 
     async def apply_presence(self, event: Envelope[DevicePresence]) -> None:
-        """Online/offline with the firmware it runs: the end of an OTA.
+        """Online/offline with the firmware it runs: the end of an OTA or a reboot.
 
         Nothing is re-sent on reconnect: the gateway delivers each command id once at QoS 1 to
         the device's persistent MQTT session, and the broker hands it over when the device
@@ -305,7 +305,7 @@ class CommandService:
             if not online:
                 return
             ota = await store.active_for_device(
-                session, data.device_id, actions=tuple(domain.OTA_ACTIONS), lock=True
+                session, data.device_id, actions=(*domain.OTA_ACTIONS, "reboot"), lock=True
             )
             for row in ota:
                 change = domain.on_presence(store.to_domain(row), online, data.fw, data.received_at)
