@@ -25,7 +25,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
 import httpx
@@ -40,7 +39,7 @@ from common.testing.stack import (
     load_stack_env,
 )
 from gateway.dynsec import DynsecAdmin
-from gateway.testing import Broker, BridgeAccount, admin_session, bridge_account
+from gateway.testing import BridgeAccount, Broker, admin_session, bridge_account
 
 PAYLOAD_BYTES = 100
 
@@ -56,7 +55,10 @@ def parse_args() -> argparse.Namespace:
 
 def payload(seq: int) -> bytes:
     """A valid telemetry message of exactly 100 bytes carrying `seq` in engine_hours."""
-    body = f'{{"ts":1700000000.0,"run_state":"running","battery_v":12.6,"fuel_pct":55.0,"engine_hours":{seq}.0'
+    body = (
+        '{"ts":1700000000.0,"run_state":"running","battery_v":12.6,"fuel_pct":55.0,'
+        f'"engine_hours":{seq}.0'
+    )
     pad = PAYLOAD_BYTES - len(body) - 1
     return (body + " " * pad + "}").encode()
 
@@ -167,12 +169,12 @@ async def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess
     async with httpx.AsyncClient() as http:
         for _ in range(300):
             if proc.poll() is not None:
-                raise SystemExit(f"gateway exited: {log.read_text()[-2000:]}")
+                raise SystemExit(f"gateway exited: {log.read_text()[-2000:]}")  # noqa: ASYNC240
             with contextlib.suppress(httpx.TransportError):
                 if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
                     return proc
             await asyncio.sleep(0.2)
-    raise SystemExit(f"gateway not ready: {log.read_text()[-2000:]}")
+    raise SystemExit(f"gateway not ready: {log.read_text()[-2000:]}")  # noqa: ASYNC240
 
 
 def rss_mb(pid: int) -> float:
@@ -182,7 +184,7 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-async def gateway_rate(
+async def gateway_rate(  # noqa: PLR0917
     stack: StackAddresses,
     env: dict[str, str],
     port: int,
@@ -223,7 +225,7 @@ async def connected_clients(broker: Broker) -> int:
     ) as client:
         await client.subscribe("$SYS/broker/clients/connected")
         async for message in client.messages:
-            return int(message.payload)  # type: ignore[arg-type]
+            return int(message.payload)
     return 0
 
 
@@ -238,7 +240,7 @@ async def load_account(admin: DynsecAdmin, tag: str) -> tuple[str, str]:
                 "command": "addRoleACL",
                 "rolename": role,
                 "acltype": "publishClientSend",
-                "topic": f"devices/+/up/#",
+                "topic": "devices/+/up/#",
                 "allow": True,
             },
             {

@@ -43,7 +43,7 @@ async def fleet(
     await kafka_topics.create(*TOPICS)
     url = await fresh_database("gateway")
     tag = uuid.uuid4().hex[:6]
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"id": f"S{tag}-wifi", "model": "Ultra", "transport": "wifi", "gps": False},
         {"id": f"S{tag}-gsm", "model": "D100", "engine": "diesel", "transport": "gsm", "gps": True},
         {"id": f"S{tag}-bad", "model": "X Pro", "transport": "wifi", "gps": False},
@@ -103,7 +103,7 @@ async def send(fleet: dict[str, Any], device_id: str, action: str, **params: Any
     command = commands.CommandDispatch(
         command_id=f"c-{uuid.uuid4().hex[:8]}",
         device_id=device_id,
-        action=action,  # type: ignore[arg-type]
+        action=action,
         params=params,
         expires_at=datetime.now(UTC) + timedelta(minutes=2),
     )
@@ -136,8 +136,8 @@ async def test_ota_returns_with_new_version_wifi_before_gsm(fleet: dict[str, Any
     wifi, gsm, _ = fleet["ids"]
     tail: KafkaTail = fleet["tail"]
     presence = fleet["prefix"] + device.PRESENCE.name
-    for device_id in (wifi, gsm):
-        await tail.wait_for(presence, lambda e, d=device_id: e["key"] == d)
+    await tail.wait_for(presence, lambda e: e["key"] == wifi)
+    await tail.wait_for(presence, lambda e: e["key"] == gsm)
     for device_id in (gsm, wifi):
         await send(
             fleet, device_id, "force_ota", version="2.0.0", url="http://x/fw", sha256="0", size=1
