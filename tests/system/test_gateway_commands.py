@@ -101,7 +101,7 @@ async def received(client: aiomqtt.Client, quiet_s: float) -> list[dict[str, Any
             message = await asyncio.wait_for(messages.__anext__(), timeout=quiet_s)
         except TimeoutError:
             return got
-        got.append(json.loads(message.payload))  # type: ignore[arg-type]
+        got.append(json.loads(message.payload))
 
 
 def of_command(command_id: str, status: str) -> Any:

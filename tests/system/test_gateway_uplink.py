@@ -180,7 +180,7 @@ async def test_last_will_after_unclean_disconnect_becomes_offline_presence(
         await client.__aexit__(None, None, None)
 
     def offline(envelope: dict[str, Any]) -> bool:
-        return envelope["key"] == device_id and envelope["data"]["state"] == "offline"
+        return bool(envelope["key"] == device_id and envelope["data"]["state"] == "offline")
 
     found = await tail.wait_for(topic_prefix + device.PRESENCE.name, offline, timeout_s=30)
     data = json.loads(found[0].value)["data"]
