@@ -38,7 +38,9 @@ def sees_device(principal: Principal, row: Any) -> bool:
 async def access_device(conn: AsyncConnection, principal: Principal, device_id: str) -> Any:
     """The projected device, or 404 when unknown or out of scope."""
     row = (
-        await conn.execute(select(store.devices).where(store.devices.c.device_id == device_id))
+        await conn.execute(
+            store.devices_with_presence().where(store.devices.c.device_id == device_id)
+        )
     ).first()
     if not sees_device(principal, row):
         raise not_found("device", device_id)

@@ -100,12 +100,13 @@ class Dispatcher:
             ).all()
             infos = {r.id: _info(r) for r in rollouts}
             await self._expire(conn, now)
-            counts = await _counts(conn, list(infos))
+            # Settle first: a rollout that just crossed its threshold sends nothing more.
+            running = await self._settle(conn, rollouts, infos, now)
+            counts = await _counts(conn, [r.id for r in running])
             sent = 0
-            for row in rollouts:
-                if row.status == "running" and sent < self._max_per_pass:
+            for row in running:
+                if sent < self._max_per_pass:
                     sent += await self._send(conn, row, infos[row.id], counts[row.id], now, sent)
-            await self._settle(conn, rollouts, infos, now)
         self.stats.passes += 1
         self.stats.dispatched += sent
         return sent
@@ -200,10 +201,12 @@ class Dispatcher:
         rollouts: Sequence[Any],
         infos: dict[str, RolloutInfo],
         now: datetime,
-    ) -> None:
-        """Pause on crossing the failure threshold; complete when nothing is left to do."""
+    ) -> list[Any]:
+        """Pause on crossing the failure threshold, complete when nothing is left to do;
+        returns the rollouts still running."""
         counts = await _counts(conn, [r.id for r in rollouts])
         staged = []
+        running = []
         for row in rollouts:
             tally = counts[row.id]
             info = infos[row.id]
@@ -234,7 +237,10 @@ class Dispatcher:
                         counts=tally,
                     )
                 )
+            elif row.status == "running":
+                running.append(row)
         await store.insert_outbox(conn, staged)
+        return running
 
 
 async def _set_status(

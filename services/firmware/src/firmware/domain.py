@@ -270,7 +270,10 @@ def on_presence(  # noqa: PLR0911 - one return per case of the README table
         if progress.state == "updating":
             return Change(progress, replace(reported, state="awaiting_return"))
         return None
-    if progress.state == "awaiting_return":
+    # Back on another version after a reboot: the update did not take. (`updating` with a
+    # `rebooting` report covers an offline event that was read before the phase report.)
+    rebooted = progress.state == "updating" and (progress.last_report or "").startswith("reboot")
+    if progress.state == "awaiting_return" or rebooted:
         why = f"came back with version {fw or 'unknown'}, expected {target_version}"
         return Change(progress, replace(reported, state="failed", deadline_at=None, detail=why))
     return Change(progress, reported) if reported != progress else None

@@ -275,29 +275,25 @@ async def _project_presence(
         p = event.data
         if p.device_id not in latest or latest[p.device_id].received_at <= p.received_at:
             latest[p.device_id] = p
-    dev = store.devices
-    statement = (
-        update(dev)
-        .where(
-            dev.c.device_id == bindparam("d_id"),
-            (dev.c.presence_at.is_(None)) | (dev.c.presence_at <= bindparam("v_at")),
-        )
-        .values(
-            online=bindparam("v_online"),
-            # An offline Last Will carries no firmware: keep what the device said before.
-            fw=func.coalesce(bindparam("v_fw"), dev.c.fw),
-            presence_at=bindparam("v_at"),
-        )
+    table = store.device_presence
+    statement = insert(table)
+    # Only forward in time; an offline Last Will carries no firmware: keep the last known one.
+    upsert = statement.on_conflict_do_update(
+        index_elements=[table.c.device_id],
+        set_={
+            "online": statement.excluded.online,
+            "fw": func.coalesce(statement.excluded.fw, table.c.fw),
+            "presence_at": statement.excluded.presence_at,
+        },
+        where=table.c.presence_at <= statement.excluded.presence_at,
     )
-    await conn.execute(
-        statement,
-        [
-            {
-                "d_id": p.device_id,
-                "v_online": p.state == "online",
-                "v_fw": p.fw,
-                "v_at": p.received_at,
-            }
-            for p in latest.values()
-        ],
-    )
+    rows = [
+        {
+            "device_id": p.device_id,
+            "online": p.state == "online",
+            "fw": p.fw,
+            "presence_at": p.received_at,
+        }
+        for p in sorted(latest.values(), key=lambda p: p.device_id)
+    ]
+    await conn.execute(upsert, rows)

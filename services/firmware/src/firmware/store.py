@@ -11,10 +11,12 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Select,
     String,
     Table,
     Text,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -42,11 +44,26 @@ devices = Table(
     Column("gps", Boolean, nullable=False, server_default=text("false")),
     Column("test_device", Boolean, nullable=False, server_default=text("false")),
     Column("deleted", Boolean, nullable=False, server_default=text("false")),
-    Column("online", Boolean, nullable=True),
-    Column("fw", String(64), nullable=True),
-    Column("presence_at", DateTime(timezone=True), nullable=True),
     Index("ix_devices_dealer_model", "dealer_id", "model"),
 )
+
+# Projection of device.presence.v1, apart from `devices` because either topic may be read first.
+device_presence = Table(
+    "device_presence",
+    metadata,
+    Column("device_id", String(64), primary_key=True),
+    Column("online", Boolean, nullable=False),
+    Column("fw", String(64), nullable=True),
+    Column("presence_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def devices_with_presence() -> Select[Any]:
+    """Devices with their last known connection state and firmware (`online`, `fw`)."""
+    return select(devices, device_presence.c.online, device_presence.c.fw).outerjoin(
+        device_presence, device_presence.c.device_id == devices.c.device_id
+    )
+
 
 releases = Table(
     "releases",

@@ -2,7 +2,6 @@
 
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from common.auth import Principal
@@ -31,7 +30,7 @@ async def select_targets(
     if target.device_ids is not None:
         return await _listed(conn, principal, variant, target.device_ids, dealer_id)
     models = [m for m in variant.models if not target.models or m in target.models]
-    query = select(dev).where(dev.c.deleted.is_(False), dev.c.model.in_(models))
+    query = store.devices_with_presence().where(dev.c.deleted.is_(False), dev.c.model.in_(models))
     if variant.engine is not None:
         query = query.where(dev.c.engine == variant.engine)
     transport = variant.transport or target.transport
@@ -59,7 +58,9 @@ async def _listed(
     wanted = list(dict.fromkeys(device_ids))
     found = {
         row.device_id: row
-        for row in (await conn.execute(select(dev).where(dev.c.device_id.in_(wanted)))).all()
+        for row in (
+            await conn.execute(store.devices_with_presence().where(dev.c.device_id.in_(wanted)))
+        ).all()
     }
     rows = []
     for device_id in wanted:

@@ -152,7 +152,7 @@ async def list_rollouts(
     """Rollouts the caller may see, newest first."""
     rel = store.releases
     query = (
-        select(ro, *[c.label(f"release_{c.name}") for c in rel.c])
+        select(ro, *[c.label(f"rel__{c.name}") for c in rel.c])
         .join(rel, rel.c.id == ro.c.release_id)
         .where(ro.c.purpose == "rollout")
         .order_by(ro.c.id.desc())
@@ -174,13 +174,13 @@ async def list_rollouts(
 
 
 class _ReleaseOf:
-    """The `release_*` columns of a joined row, read like a releases row."""
+    """The `rel__*` columns of a joined row, read like a releases row."""
 
     def __init__(self, row: Any) -> None:
         self._row = row
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._row, f"release_{name}")
+        return getattr(self._row, f"rel__{name}")
 
 
 def device_view(row: Any) -> dict[str, Any]:
