@@ -45,7 +45,9 @@ async def world(
     commands_db = await fresh_database("commands")
     tag = uuid.uuid4().hex[:6]
     sim_id, offline_id = f"E{tag}-sim", f"E{tag}-off"
-    rows = [{"id": sim_id, "model": "D100", "engine": "diesel", "transport": "wifi", "gps": False}]
+    rows: list[dict[str, Any]] = [
+        {"id": sim_id, "model": "D100", "engine": "diesel", "transport": "wifi", "gps": False}
+    ]
     path: Path = tmp_path_factory.mktemp("sim") / "devices.json"
     broker = Broker.from_env()
     issuer = TestIssuer()
@@ -165,7 +167,7 @@ async def test_offline_device_gets_its_command_when_it_reconnects(world: dict[st
     async with device_client(broker, device_id, password) as client:
         async with asyncio.timeout(20):
             async for message in client.messages:
-                body = json.loads(message.payload)  # type: ignore[arg-type]
+                body = json.loads(message.payload)
                 if body["command_id"] == cmd["id"]:
                     break
         assert body["params"] == {"key": "cooldown_s", "value": 120}
