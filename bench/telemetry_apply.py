@@ -126,7 +126,7 @@ async def fleet_consume(settings: FleetSettings, events: int) -> float:
         if stats.dead_lettered:
             raise SystemExit(f"{stats.dead_lettered} records were dead-lettered")
         print(f"  fleet consumer: {stats.batches} batches, {stats.retried} retries")
-    return (events - first_count) / elapsed
+    return float((events - first_count) / elapsed)
 
 
 async def main() -> None:

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="no-any-return"
 """The fleet service against real Kafka and PostgreSQL: device events to live state, and back.
 
 The app runs with its lifespan (consumers and outbox relay). Device events are published the
@@ -146,7 +147,7 @@ async def test_devices_go_live_report_firmware_move_and_go_offline(
     assert snapshot["key"] == device_id
 
     async def detail() -> dict[str, Any]:
-        return await fleet_.get(f"/api/v1/devices/{device_id}")  # type: ignore[no-any-return]
+        return await fleet_.get(f"/api/v1/devices/{device_id}")
 
     async def listed(connection: str) -> bool:
         body = await fleet_.get("/api/v1/devices", q=device_id.lower(), connection=connection)

@@ -93,14 +93,14 @@ class Helpers:
     def dealer(dealer_id: str, **extra: object) -> Principal:
         return Principal(
             user_id=f"staff-{dealer_id}", email=f"staff@{dealer_id}.test", role="dealer",
-            dealer_id=dealer_id, **extra,  # type: ignore[arg-type]
+            dealer_id=dealer_id, **extra,
         )  # fmt: skip
 
     @staticmethod
     def customer(dealer_id: str, email: str, **extra: object) -> Principal:
         return Principal(
             user_id=f"cust-{email}", email=email, role="customer", dealer_id=dealer_id,
-            **extra,  # type: ignore[arg-type]
+            **extra,
         )  # fmt: skip
 
     @staticmethod

@@ -1,3 +1,4 @@
+# mypy: allow-untyped-defs
 """The fleet's plain rules: attention thresholds, cursors, bboxes, catalog checks."""
 
 from dataclasses import replace

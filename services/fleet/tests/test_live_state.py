@@ -1,3 +1,4 @@
+# mypy: allow-untyped-defs, disable-error-code="no-any-return,index"
 """Live state from device events, applied in batches against a real PostgreSQL; and the map."""
 
 from datetime import UTC, datetime, timedelta

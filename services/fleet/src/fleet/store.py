@@ -10,7 +10,6 @@ from sqlalchemy import (
     Column,
     DateTime,
     Float,
-    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -66,6 +65,7 @@ devices = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("ix_devices_dealer_id", "dealer_id", "id"),
     Index("ix_devices_dealer_customer", "dealer_id", "customer_email"),
+    # No index on live-state columns: their updates stay HOT (migration 0004).
     Index(
         "ix_devices_id_trgm", "id", postgresql_using="gin", postgresql_ops={"id": "gin_trgm_ops"}
     ),
@@ -81,7 +81,6 @@ devices = Table(
         postgresql_using="gin",
         postgresql_ops={"customer_email": "gin_trgm_ops"},
     ),
-    Index("ix_devices_position", "lon", "lat", postgresql_where=text("gps AND lat IS NOT NULL")),
 )
 
 # A ring of recent positions per device: slot = position_seq % history size, so the table
@@ -89,7 +88,8 @@ devices = Table(
 device_positions = Table(
     "device_positions",
     metadata,
-    Column("device_id", String(64), ForeignKey("devices.id", ondelete="CASCADE"), nullable=False),
+    # No foreign key: rows come only from devices the same statement updated (migration 0004).
+    Column("device_id", String(64), nullable=False),
     Column("slot", Integer, nullable=False),
     Column("lat", Float, nullable=False),
     Column("lon", Float, nullable=False),
