@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
 from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 
@@ -43,7 +44,10 @@ def render() -> str:
         ),
         schema_version="3.0.0",
     )
-    return spec.to_specification().to_yaml()
+    # FastStream's output order depends on the hash seed; sort so the document is stable.
+    document = spec.to_specification().to_jsonable()
+    rendered: str = yaml.safe_dump(document, sort_keys=True, allow_unicode=True, width=100)
+    return rendered
 
 
 def main() -> int:

@@ -2,20 +2,22 @@
 
 import logging
 import re
+import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.logging import request_id_var
-from common.metrics import install_http_metrics
+from common.metrics import record_request
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +61,6 @@ def problem_response(status: int, title: str, detail: str, **extra: Any) -> JSON
 
 def install_http_conventions(app: FastAPI) -> None:
     """Problem+json for every error, an `X-Request-ID` on every request and response, metrics."""
-    install_http_metrics(app)
 
     @app.exception_handler(ProblemError)
     async def _problem(_: Request, exc: ProblemError) -> JSONResponse:
@@ -85,29 +86,66 @@ def install_http_conventions(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # Only errors raised outside the request-id middleware get here.
+        # Only errors raised outside RequestContextMiddleware get here.
         logger.error("unhandled error", exc_info=exc)
         return _internal_error()
 
-    @app.middleware("http")
-    async def _request_id(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    app.add_middleware(RequestContextMiddleware)
+
+
+class RequestContextMiddleware:
+    """Request id in, request id out, metrics, and last-resort problem answers.
+
+    Pure ASGI rather than `BaseHTTPMiddleware`: it runs on every request of every service, and
+    the latter costs a task and a stream copy per request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI connection scope."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
         request_id = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
         try:
-            response = await call_next(request)
-        except UNAVAILABLE_ERRORS as exc:
-            logger.warning("dependency unavailable", extra={"error": repr(exc)[:300]})
-            response = _unavailable()
-        except Exception as exc:  # answered here so that the 500 keeps the request id
-            logger.error("unhandled error", exc_info=exc)
-            response = _internal_error()
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if response_started:
+                raise
+            if isinstance(exc, UNAVAILABLE_ERRORS):
+                logger.warning("dependency unavailable", extra={"error": repr(exc)[:300]})
+                response = _unavailable()
+            else:
+                logger.error("unhandled error", exc_info=exc)
+                response = _internal_error()
+            await response(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        return response
+            record_request(scope, status, time.perf_counter() - started)
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
 
 
 def _unavailable() -> JSONResponse:

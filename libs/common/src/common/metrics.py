@@ -5,10 +5,10 @@ its own domain metrics (commands by status, connected devices, ...) with `promet
 next to its code. One process serves one service, so the default registry is the service's.
 """
 
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 HTTP_REQUESTS = Counter(
@@ -43,21 +43,14 @@ _UNMATCHED = "(unmatched)"
 _NOT_MEASURED = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
-def install_http_metrics(app: FastAPI) -> None:
-    """Count and time every request by its route template (never the raw path: ids explode)."""
-
-    @app.middleware("http")
-    async def _measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", _UNMATCHED)
-        if template not in _NOT_MEASURED:
-            HTTP_REQUESTS.labels(request.method, template, str(response.status_code)).inc()
-            HTTP_LATENCY.labels(request.method, template).observe(time.perf_counter() - started)
-        return response
+def record_request(scope: Mapping[str, Any], status: int, seconds: float) -> None:
+    """Count and time a request by its route template (never the raw path: ids explode)."""
+    template = getattr(scope.get("route"), "path", _UNMATCHED)
+    if template in _NOT_MEASURED:
+        return
+    method = str(scope.get("method", "-"))
+    HTTP_REQUESTS.labels(method, template, str(status)).inc()
+    HTTP_LATENCY.labels(method, template).observe(seconds)
 
 
 def metrics_router(refresh: Callable[[], Awaitable[None]] | None = None) -> APIRouter:

@@ -52,6 +52,7 @@ def run_cli(
         factory=True,
         host=settings.http_host,
         port=settings.http_port,
+        workers=settings.http_workers,
         log_config=None,
         access_log=False,
         proxy_headers=True,

@@ -54,6 +54,8 @@ class ServiceSettings(BaseSettings):
     env: Environment = Environment.DEVELOPMENT
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # Worker processes for the HTTP server; each runs the whole app (consumers split by group).
+    http_workers: int = Field(default=1, ge=1, le=32)
     # Proxies whose X-Forwarded-* headers are trusted (the API gateway); "*" inside a network
     # where only the gateway can reach the service.
     forwarded_allow_ips: str = "127.0.0.1"
