@@ -6,13 +6,18 @@ simulator. Each test waits for conditions with a deadline, never for a fixed tim
 photographed into `services/console/docs/screenshots/` for the README's tour.
 """
 
+import json
+import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from playwright.sync_api import Browser, Page, expect
 
 from console.testing import (
@@ -101,10 +106,11 @@ def test_dealer_finds_a_device_by_customer_email_and_starts_it(
     fragment = email[: email.index("@") + 4]  # "owner1@nor": part of the address only
 
     sign_in(page, dealer)
+    page.wait_for_function("typeof window.htmx !== 'undefined'")
     search = page.get_by_label("Search")
     search.press_sequentially(fragment, delay=40)  # as you type: no submit
     row = page.locator(f'tr[data-device-id="{device["id"]}"]')
-    expect(row).to_be_visible()
+    expect(row).to_be_visible(timeout=15_000)
     for other in page.locator("#fleet-rows tr[data-device-id]").all():
         expect(other).to_contain_text(fragment)
     expect(row.get_by_test_id("connection")).to_have_text("live")
@@ -151,22 +157,74 @@ def map_position_device(headers: dict[str, str], *, online: bool) -> dict[str, A
     return wanted[0] if wanted else {}
 
 
+LOST_UNIT = "AG1LOST"
+
+
+def lost_unit(headers: dict[str, str]) -> None:
+    """A GPS unit that reported a position and then lost contact (a red marker).
+
+    Registered in the dealer's fleet (kept across runs), it speaks the device protocol over
+    MQTT with its own credentials: online, one telemetry reading with a position, offline.
+    """
+    body = {"id": LOST_UNIT, "name": "Lost Contact Unit", "model": "X Pro", "engine": None,
+            "transport": "gsm", "gps": True, "firmware_version": "3.2.0"}  # fmt: skip
+    created = httpx.post(f"{API}/devices", json=body, headers=headers)
+    if created.status_code == 201 and created.json().get("mqtt_password"):
+        password = created.json()["mqtt_password"]
+    else:
+        assert created.status_code in (201, 409), created.text
+        issued = httpx.post(f"{API}/devices/{LOST_UNIT}/mqtt-credentials", headers=headers)
+        assert issued.status_code == 201, issued.text
+        password = issued.json()["password"]
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=LOST_UNIT,
+        protocol=mqtt.MQTTv5,
+    )  # fmt: skip
+    client.username_pw_set(LOST_UNIT, password)
+    client.connect(os.environ.get("AUTOGEN_MQTT_HOST", "127.0.0.1"),
+                   int(os.environ.get("AUTOGEN_MQTT_PORT", "1883")))  # fmt: skip
+    client.loop_start()
+    try:
+        up = f"devices/{LOST_UNIT}/up"
+        now = time.time()
+        for topic, payload, retain in (
+            (f"{up}/status", {"state": "online", "fw": "3.2.0", "ts": now}, True),
+            (f"{up}/telemetry", {"ts": now, "run_state": "stopped", "battery_v": 12.1,
+                                 "fuel_pct": 40.0, "engine_hours": 812.5,
+                                 "lat": 30.61, "lon": -97.35}, False),
+            (f"{up}/status", {"state": "offline", "fw": "3.2.0", "ts": now + 1}, True),
+        ):  # fmt: skip
+            client.publish(topic, json.dumps(payload), qos=1, retain=retain).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+    def reported() -> bool:
+        found = httpx.get(f"{API}/devices/{LOST_UNIT}", headers=headers).json()
+        return found.get("connection") == "offline" and found.get("position") is not None
+
+    wait_for("the lost unit's position and offline state", reported)
+
+
 def test_map_shows_green_and_red_markers_with_manage_links(
     page: Page, dealer: dict[str, str], accounts: dict[str, Any]
 ) -> None:
     headers = api_login(dealer["email"], dealer["password"])
     wait_for("a live GPS unit with a position", lambda: map_position_device(headers, online=True))
+    lost_unit(headers)
     red = [
-        f for f in httpx.get(f"{API}/map/devices", headers=headers).json()["features"]
+        f for f in httpx.get(
+            f"{API}/map/devices", params={"bbox": "-180,-90,180,90"}, headers=headers
+        ).json()["features"]
         if f["properties"]["marker"] == "red"
     ]  # fmt: skip
-    assert red, "no red marker in the demo fleet: the simulator keeps some units offline"
+    assert LOST_UNIT in {f["properties"]["id"] for f in red}
     sign_in(page, dealer)
     page.get_by_role("link", name="Fleet Map").click()
     expect(page.locator("path.marker-green").first).to_be_visible()
     expect(page.locator("path.marker-red").first).to_be_visible()
     expect(page.locator("#map-status")).to_contain_text("green")
-    page.locator("path.marker-red").first.click(force=True)
+    page.locator("path.marker-red").last.click(force=True)
     popup = page.locator(".leaflet-popup-content")
     expect(popup).to_contain_text("Last seen")
     expect(popup.get_by_role("link", name="Manage")).to_be_visible()

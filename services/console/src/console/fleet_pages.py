@@ -25,6 +25,7 @@ ACTIONS = {
 # Actions a slip of the finger must not send: they interrupt a remote unit.
 CONFIRM_ACTIONS = frozenset({"reboot", "force_ota"})
 OTA_ACTIONS = frozenset({"fw_update", "force_ota"})
+WHOLE_WORLD = "-180,-90,180,90"  # minLon,minLat,maxLon,maxLat
 
 
 def fleet_filters(request: Request) -> dict[str, str]:
@@ -86,7 +87,7 @@ async def fleet_map(request: Request, session: SessionDep) -> HTMLResponse:
 async def map_data(session: SessionDep, bbox: str = "") -> JSONResponse:
     """The map's GeoJSON, fetched by the page's script (same origin, session cookie)."""
     try:
-        features = await session.api.get("map/devices", bbox=bbox[:100])
+        features = await session.api.get("map/devices", bbox=bbox[:100] or WHOLE_WORLD)
     except ApiError as exc:
         return JSONResponse({"error": exc.detail}, status_code=exc.status)
     return JSONResponse(features, headers={"Cache-Control": "no-store"})

@@ -67,8 +67,19 @@
       : "No GPS devices in your fleet.";
   }
 
+  function clamp(v, lo, hi) { return Math.min(hi, Math.max(lo, v)); }
+
+  // Until the first fit, the whole world; afterwards what the map shows (pans reload).
+  function bbox() {
+    if (!fitted) { return "-180,-90,180,90"; }
+    var b = map.getBounds();
+    return [clamp(b.getWest(), -180, 180), clamp(b.getSouth(), -90, 90),
+            clamp(b.getEast(), -180, 180), clamp(b.getNorth(), -90, 90)]
+      .map(function (v) { return v.toFixed(5); }).join(",");
+  }
+
   function load() {
-    fetch(el.dataset.source, { credentials: "same-origin", headers: { Accept: "application/json" } })
+    fetch(el.dataset.source + "?bbox=" + encodeURIComponent(bbox()), { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then(function (r) {
         if (r.status === 401 || r.redirected) { window.location = "/login?next=/map"; return null; }
         return r.json().then(function (body) {
@@ -80,5 +91,6 @@
       .catch(function (err) { statusEl.textContent = "Could not load devices: " + err.message; });
   }
   load();
+  map.on("moveend", function () { if (fitted) { load(); } });
   setInterval(load, parseInt(el.dataset.refreshMs, 10) || 9000);
 })();
