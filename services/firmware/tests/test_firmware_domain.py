@@ -268,9 +268,9 @@ def test_threshold_counts_finished_devices_and_respects_a_resume() -> None:
 
 def test_token_bucket_paces_and_caps_bursts() -> None:
     burst = burst_of(600)
-    assert burst == 10
+    assert burst == 50
     assert refill(0, elapsed_s=0.5, max_per_minute=600, burst=burst) == 5
-    assert refill(0, elapsed_s=60, max_per_minute=600, burst=burst) == 10
+    assert refill(0, elapsed_s=60, max_per_minute=600, burst=burst) == 50
     assert refill(3, elapsed_s=-1, max_per_minute=600, burst=burst) == 3
     assert refill(0, elapsed_s=0, max_per_minute=None, burst=burst_of(None)) == float("inf")
     assert burst_of(6) == 1

@@ -334,7 +334,8 @@ def refill(tokens: float, *, elapsed_s: float, max_per_minute: int | None, burst
 
 
 def burst_of(max_per_minute: int | None) -> float:
-    """Bucket size: about one second's worth (at least one), so the pace stays even."""
+    """Bucket size: five seconds' worth (at least one): a dispatcher pass slower than a second
+    catches up instead of losing the pace, and no burst is larger than that."""
     if max_per_minute is None:
         return float("inf")
-    return max(1.0, max_per_minute / 60.0)
+    return max(1.0, max_per_minute / 12.0)
