@@ -1,0 +1,447 @@
+"""Command round trip: POST → device ack → `succeeded` visible by GET, beside a raw MQTT
+request → ack round trip, in one run, over the same simulated devices.
+
+1. Raw baseline: a client with a gateway-like broker account publishes the command payload
+   straight to `devices/{id}/down/command` (QoS 1) and times the device's `succeeded` ack on
+   `devices/{id}/up/ack`. What the broker and the simulator cost.
+2. The project's path: `POST /api/v1/devices/{id}/commands` to the commands service (a real
+   `python -m commands serve`), its outbox and relay, Kafka, the gateway (`python -m gateway
+   serve`), the broker, the device's ack back through the gateway and Kafka into the commands
+   service, and `GET /api/v1/commands/{id}` polled until it says `succeeded`.
+
+Both send `set_setting` (acked `accepted` then `succeeded` at once by the simulator) at a fixed
+rate to random devices of a simulated fleet (`python -m gateway.simulator --generate N`).
+The HTTP calls go to the commands service directly, with an internal token (not through nginx
+and the tokens service's auth_request, whose cost `bench/verify.py` measures).
+
+Needs the local stack (`deploy/local/stack start`). Bounded: N devices, rate x seconds
+commands per measurement. Prints readable lines, then one JSON line per metric.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import httpx
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from common.auth import Principal
+from common.contracts import commands, device, fleet, platform
+from common.events import encode, new_event
+from common.migrations import upgrade
+from common.testing.auth import TestIssuer
+from common.testing.stack import (
+    StackAddresses,
+    create_database,
+    create_topics,
+    drop_database,
+    load_stack_env,
+)
+from gateway.dynsec import DynsecAdmin
+from gateway.simulator.__main__ import generated
+from gateway.testing import BridgeAccount, Broker, admin_session, bridge_account
+
+ADMIN = Principal(user_id="bench-admin", role="admin")
+SETTING = {"key": "cooldown_s", "value": 60}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=50.0, help="commands per second")
+    parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    return parser.parse_args()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def jwks_server(issuer: TestIssuer) -> Iterator[str]:
+    """The issuer's public keys over HTTP, as the tokens service serves its own."""
+    body = json.dumps(issuer.jwks).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: Any) -> None:
+            return
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+    finally:
+        server.shutdown()
+
+
+async def start(module: str, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`python -m <module> serve`, ready."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            [sys.executable, "-m", module, "serve"], env=env, stdout=out, stderr=out
+        )
+    async with httpx.AsyncClient() as http:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise SystemExit(f"{module} exited; see {log}")
+            with contextlib.suppress(httpx.TransportError):
+                if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                    return proc
+            await asyncio.sleep(0.2)
+    raise SystemExit(f"{module} not ready; see {log}")
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+async def paced(
+    rate: float, seconds: float, one: Callable[[int], Coroutine[Any, Any, float | None]]
+) -> tuple[list[float], int]:
+    """Start `one(i)` at `rate` per second for `seconds`; latencies (ms) and failures."""
+    count = int(rate * seconds)
+    started = time.perf_counter()
+    tasks: list[asyncio.Task[float | None]] = []
+    for i in range(count):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    results = await asyncio.gather(*tasks)
+    done = [r for r in results if r is not None]
+    return done, count - len(done)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def raw_round_trips(
+    broker: Broker, account: BridgeAccount, ids: list[str], rate: float, seconds: float
+) -> tuple[list[float], int]:
+    """Publish commands straight to devices; time their `succeeded` acks."""
+    waiting: dict[str, asyncio.Future[float]] = {}
+    async with aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=account.username,
+        password=account.password,
+        identifier=f"bench-raw-{uuid.uuid4().hex[:6]}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+    ) as client:
+        await client.subscribe("devices/+/up/ack", qos=1)
+
+        async def read() -> None:
+            async for message in client.messages:
+                body = json.loads(message.payload)
+                future = waiting.get(body.get("command_id", ""))
+                if future is not None and body.get("status") == "succeeded" and not future.done():
+                    future.set_result(time.perf_counter())
+
+        reader = asyncio.create_task(read())
+
+        async def one(_: int) -> float | None:
+            command_id = str(uuid.uuid4())
+            device_id = random.choice(ids)
+            expires = datetime.now(UTC) + timedelta(seconds=60)
+            payload = json.dumps(
+                {
+                    "command_id": command_id,
+                    "action": "set_setting",
+                    "params": SETTING,
+                    "expires_at": expires.isoformat(),
+                }
+            )
+            future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+            waiting[command_id] = future
+            t0 = time.perf_counter()
+            await client.publish(f"devices/{device_id}/down/command", payload, qos=1)
+            try:
+                return (await asyncio.wait_for(future, 10) - t0) * 1000
+            except TimeoutError:
+                return None
+
+        try:
+            return await paced(rate, seconds, one)
+        finally:
+            reader.cancel()
+
+
+async def platform_round_trips(
+    base: str, issuer: TestIssuer, ids: list[str], rate: float, seconds: float
+) -> tuple[list[float], int]:
+    """POST, then GET until `succeeded`."""
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as http:
+        headers = issuer.headers(ADMIN)
+        outcomes: dict[str, int] = {}
+
+        async def one(_: int) -> float | None:
+            device_id = random.choice(ids)
+            body = {"action": "set_setting", "params": SETTING}
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(f"/devices/{device_id}/commands", json=body, headers=headers)
+                if r.status_code != 202:
+                    outcomes[f"POST {r.status_code}"] = outcomes.get(f"POST {r.status_code}", 0) + 1
+                    return None
+                command_id = r.json()["id"]
+                while time.perf_counter() < t0 + 10:
+                    got = await http.get(f"/commands/{command_id}", headers=headers)
+                    if got.json()["status"] == "succeeded":
+                        return (time.perf_counter() - t0) * 1000
+                    await asyncio.sleep(0.005)
+            except httpx.TimeoutException:
+                outcomes["timeout"] = outcomes.get("timeout", 0) + 1
+                return None
+            outcomes["not succeeded in 10 s"] = outcomes.get("not succeeded in 10 s", 0) + 1
+            return None
+
+        try:
+            return await paced(rate, seconds, one)
+        finally:
+            if outcomes:
+                print(f"  failures: {outcomes}", flush=True)
+
+
+async def register_fleet(bootstrap: str, prefix: str, rows: list[dict[str, Any]]) -> None:
+    """What the fleet service would publish: one ownership snapshot per device."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        for row in rows:
+            data = fleet.FleetDevice(
+                device_id=row["id"],
+                name=row["id"],
+                model=row["model"],
+                engine=row["engine"],
+                transport=row["transport"],
+                gps=row["gps"],
+                dealer_id="bench-dealer",
+            )
+            event = new_event(
+                type=fleet.DEVICE.event_type, data=data, source="bench", key=row["id"]
+            )
+            await producer.send(prefix + fleet.DEVICE.name, encode(event), key=row["id"].encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def wait_online(bootstrap: str, topic: str, ids: set[str], deadline_s: float) -> int:
+    """Until every device published `online` (or the deadline); returns how many did."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    online: set[str] = set()
+    try:
+        end = time.monotonic() + deadline_s
+        while not ids <= online and time.monotonic() < end:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    data = json.loads(record.value or b"{}")["data"]
+                    if data["state"] == "online":
+                        online.add(data["device_id"])
+    finally:
+        await consumer.stop()
+    return len(online & ids)
+
+
+def metric(name: str, value: float, baseline: float) -> str:
+    return json.dumps(
+        {
+            "bench": "commands_roundtrip",
+            "metric": name,
+            "value": round(value, 1),
+            "unit": "ms",
+            "baseline": round(baseline, 1),
+            "baseline_name": "raw MQTT command -> device ack",
+            "ratio": round(value / baseline, 2) if baseline else None,
+        }
+    )
+
+
+async def main() -> int:
+    args = parse_args()
+    load_stack_env(Path.cwd())
+    stack = StackAddresses.from_env(os.environ)
+    if stack is None:
+        print("start the local stack first: deploy/local/stack start", file=sys.stderr)
+        return 2
+    broker = Broker.from_env()
+    tag = uuid.uuid4().hex[:6]
+    prefix = f"bench.{tag}."
+    names: list[Any] = [
+        commands.REQUEST, commands.DISPATCH, commands.STATUS, device.TELEMETRY, device.PRESENCE,
+        device.REPORT, device.DEADLETTER, fleet.DEVICE, platform.DEADLETTER,
+    ]  # fmt: skip
+    await create_topics(
+        stack.kafka_bootstrap_servers,
+        [prefix + t.name for t in names] + [prefix + "firmware.release.v1"],
+        partitions=6,
+    )
+    dbs = {svc: f"bench_{svc}_{tag}" for svc in ("commands", "gateway")}
+    urls = {svc: await create_database(stack.pg_admin_url, db) for svc, db in dbs.items()}
+    for svc, url in urls.items():
+        await asyncio.to_thread(upgrade, url, svc)
+    logs = Path(os.environ.get("AUTOGEN_LOCAL_DIR", ".local")) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    rows = generated(args.devices, f"bcmd-{tag}-", None, None)
+    ids = [row["id"] for row in rows]
+    issuer = TestIssuer()
+    print(
+        f"commands round trip: {args.devices} simulated devices, {args.rate:g} commands/s for "
+        f"{args.seconds:g} s per measurement, on {os.cpu_count()} cores"
+    )
+    procs: list[subprocess.Popen[bytes]] = []
+    async with admin_session(broker) as admin:
+        try:
+            async with bridge_account(admin) as account, bridge_account(admin) as raw_account:
+                load_user, load_password = await load_account(admin, tag)
+                gw_port, cmd_port = free_port(), free_port()
+                gw_env = {
+                    **os.environ,
+                    "GATEWAY_DATABASE_URL": urls["gateway"],
+                    "GATEWAY_KAFKA_TOPIC_PREFIX": prefix,
+                    "GATEWAY_MQTT_USERNAME": account.username,
+                    "GATEWAY_MQTT_PASSWORD": account.password,
+                    "GATEWAY_MQTT_SHARE_GROUP": account.share_group,
+                    "GATEWAY_MQTT_CLIENT_ID": f"bench-gw-{tag}",
+                    "GATEWAY_MQTT_SESSION_EXPIRY_S": "60",
+                    "GATEWAY_HTTP_PORT": str(gw_port),
+                    "GATEWAY_LOG_LEVEL": "WARNING",
+                    "GATEWAY_OUTBOX_POLL_INTERVAL_S": "0.01",
+                    "GATEWAY_DISPATCH_GROUP_ID": f"bench-{tag}.gateway.dispatch",
+                }
+                procs.append(await start("gateway", gw_env, gw_port, logs / "bench-gateway.log"))
+                with jwks_server(issuer) as jwks_url:
+                    cmd_env = {
+                        **os.environ,
+                        "COMMANDS_DATABASE_URL": urls["commands"],
+                        "COMMANDS_KAFKA_TOPIC_PREFIX": prefix,
+                        "COMMANDS_HTTP_PORT": str(cmd_port),
+                        "COMMANDS_JWKS_URL": jwks_url,
+                        "COMMANDS_LOG_LEVEL": "WARNING",
+                    }
+                    procs.append(
+                        await start("commands", cmd_env, cmd_port, logs / "bench-commands.log")
+                    )
+                    await register_fleet(stack.kafka_bootstrap_servers, prefix, rows)
+                    sim = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                        [
+                            sys.executable, "-m", "gateway.simulator",
+                            "--generate", str(args.devices), "--id-prefix", f"bcmd-{tag}-",
+                            "--username", load_user, "--password", load_password,
+                            "--telemetry-interval", "30", "--time-factor", "0.01",
+                            "--log-level", "WARNING",
+                        ],
+                        stdout=subprocess.DEVNULL,
+                    )  # fmt: skip
+                    procs.append(sim)
+                    online = await wait_online(
+                        stack.kafka_bootstrap_servers,
+                        prefix + device.PRESENCE.name,
+                        set(ids),
+                        deadline_s=180,
+                    )
+                    print(f"  {online} of {args.devices} devices online", flush=True)
+                    base = f"http://127.0.0.1:{cmd_port}/api/v1"
+                    # Warm-up: connections, consumer groups, caches (not measured).
+                    await platform_round_trips(base, issuer, ids, args.rate, 2)
+                    raw, raw_lost = await raw_round_trips(
+                        broker, raw_account, ids, args.rate, args.seconds
+                    )
+                    ours, ours_lost = await platform_round_trips(
+                        base, issuer, ids, args.rate, args.seconds
+                    )
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
+            with contextlib.suppress(Exception):
+                await remove_load_account(admin, tag)
+            for db in dbs.values():
+                await drop_database(stack.pg_admin_url, db)
+    for label, values, lost in (
+        ("raw MQTT command -> device ack", raw, raw_lost),
+        ("POST -> ack -> succeeded by GET", ours, ours_lost),
+    ):
+        print(
+            f"  {label:<34} p50 {pct(values, 0.5):7.1f} ms  p99 {pct(values, 0.99):7.1f} ms  "
+            f"mean {statistics.fmean(values) if values else float('nan'):7.1f} ms  "
+            f"n={len(values)} lost={lost}"
+        )
+    print("  targets: p50 <= 15 ms, p99 <= 50 ms")
+    print(metric("post_to_succeeded_p50_ms", pct(ours, 0.5), pct(raw, 0.5)))
+    print(metric("post_to_succeeded_p99_ms", pct(ours, 0.99), pct(raw, 0.99)))
+    return 0
+
+
+async def load_account(admin: DynsecAdmin, tag: str) -> tuple[str, str]:
+    """One broker account for all simulated devices (a thousand accounts are slow to make)."""
+    username, password = f"bench-cmd-{tag}", uuid.uuid4().hex
+    role = f"bench-cmd-{tag}"
+    await admin.execute(
+        [
+            {"command": "createRole", "rolename": role},
+            *(
+                {"command": "addRoleACL", "rolename": role, "acltype": kind, "topic": topic,
+                 "allow": True}
+                for kind, topic in (
+                    ("publishClientSend", "devices/+/up/#"),
+                    ("subscribePattern", "devices/+/down/#"),
+                )
+            ),
+            {"command": "createClient", "username": username, "password": password,
+             "roles": [{"rolename": role}]},
+        ]
+    )  # fmt: skip
+    return username, password
+
+
+async def remove_load_account(admin: DynsecAdmin, tag: str) -> None:
+    await admin.execute(
+        [
+            {"command": "deleteClient", "username": f"bench-cmd-{tag}"},
+            {"command": "deleteRole", "rolename": f"bench-cmd-{tag}"},
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
