@@ -50,7 +50,6 @@ VERIFY_PATH = "/auth/verify"
 ALL_INTERFACES = "0.0.0.0"  # noqa: S104
 # Read-only root filesystems: the one writable place, an emptyDir.
 TMP = "/tmp"  # noqa: S108
-PUBLIC_API_PATHS = ("/api/v1/auth/login", "/api/v1/.well-known/")
 
 Obj = dict[str, Any]
 
@@ -646,6 +645,18 @@ def test_api_ingress_authenticates_through_tokens(objects: tuple[Obj, ...]) -> N
 # Route emulation. nginx (the template) tries regex locations in file order, first match wins;
 # ingress-nginx with use-regex writes every path of a host as `location ~* "^<path>"`, ordered
 # by descending path length.
+def template_public_paths() -> dict[str, str]:
+    """Exact /api/v1 paths the template serves without auth_request, with their upstream."""
+    text = NGINX_TEMPLATE.read_text()
+    public = {}
+    for match in re.finditer(r"location\s+=\s+(/api/v1/\S+)\s*\{(.*?)\}", text, re.DOTALL):
+        path, body = match.groups()
+        upstream = re.search(r"proxy_pass\s+http://autogen_(\w+)", body)
+        if "auth_request off" in body and upstream:
+            public[path] = upstream.group(1)
+    return public
+
+
 def template_routes() -> list[tuple[str, str]]:
     """(regex, upstream service) of the template's /api/v1 regex locations, in file order."""
     text = NGINX_TEMPLATE.read_text()
@@ -692,21 +703,22 @@ def ingress_route(objects: tuple[Obj, ...], path: str) -> tuple[str, str] | None
 
 def test_ingress_routes_match_the_nginx_gateway(objects: tuple[Obj, ...]) -> None:
     routes = template_routes()
+    public = template_public_paths()
     assert len(routes) >= 6, f"template routes not found: {routes}"
+    assert set(public) >= {"/api/v1/auth/login"}, f"template public paths: {public}"
     checked = 0
     problems = []
-    # The template has no auth rules of its own: the public paths are sampled explicitly.
-    explicit = ["/api/v1/auth/login", "/api/v1/.well-known/jwks.json", "/api/v1/auth/logout"]
-    for pattern in [*(r for r, _ in routes), *explicit]:
-        for path in sample_paths(pattern) if pattern.startswith("^") else [pattern]:
-            expected = next(svc for regex, svc in routes if re.match(regex, path))
-            actual = ingress_route(objects, path)
-            public = path.startswith(PUBLIC_API_PATHS)
-            if actual is None or actual[1] != expected:
-                problems.append(f"{path}: nginx -> {expected}, ingress -> {actual}")
-            elif (actual[0] == "autogen-public") != public:
-                problems.append(f"{path}: served by {actual[0]} (public: {public})")
-            checked += 1
+    # Each regex location's paths, each unauthenticated exact path, and just beside those.
+    samples = [path for pattern, _ in routes for path in sample_paths(pattern)]
+    samples += [*public, *(path + "-other" for path in public), "/api/v1/auth/logout"]
+    for path in samples:
+        expected = public.get(path) or next(svc for regex, svc in routes if re.match(regex, path))
+        actual = ingress_route(objects, path)
+        if actual is None or actual[1] != expected:
+            problems.append(f"{path}: nginx -> {expected}, ingress -> {actual}")
+        elif (actual[0] == "autogen-public") != (path in public):
+            problems.append(f"{path}: served by {actual[0]} (public in nginx: {path in public})")
+        checked += 1
     for path in ("/", "/fleet", "/login"):
         if ingress_route(objects, path) != ("autogen-public", "console"):
             problems.append(f"{path}: does not reach the console")
