@@ -93,7 +93,11 @@ class Bridge:
         while not stop.is_set():
             try:
                 async with self._new_client() as client:
-                    await client.subscribe(self.subscription, qos=1)
+                    # A resumed session first receives its backlog (up to Receive Maximum) and
+                    # the SUBACK queues behind it: give it time instead of reconnecting in a loop.
+                    await client.subscribe(
+                        self.subscription, qos=1, timeout=self._settings.mqtt_subscribe_timeout_s
+                    )
                     self._client = client
                     self.connected.set()
                     self.stats.connects += 1

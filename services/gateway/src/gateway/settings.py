@@ -42,6 +42,7 @@ class GatewaySettings(DatabaseSettings):
     # gateway acks only after Kafka has the event, so this is its pipeline depth.
     mqtt_receive_maximum: int = Field(default=2000, ge=1, le=65535)
     mqtt_keepalive_s: int = Field(default=30, ge=5)
+    mqtt_subscribe_timeout_s: float = Field(default=120.0, gt=0)
     mqtt_reconnect_max_s: float = Field(default=10.0, gt=0)
     max_payload_bytes: int = Field(default=16 * 1024, ge=1)
     # Uplinks are produced straight to Kafka (no outbox); a few ms of linger batch them.
