@@ -37,6 +37,11 @@ def run_env(metadata: MetaData) -> None:
     def _migrate(connection: Connection) -> None:
         context.configure(connection=connection, target_metadata=metadata, compare_type=True)
         with context.begin_transaction():
+            # Replicas starting together (Kubernetes init containers) migrate one at a time;
+            # the later ones then find nothing to do.
+            connection.exec_driver_sql(
+                "SELECT pg_advisory_xact_lock(hashtext('alembic:' || current_database()))"
+            )
             context.run_migrations()
 
     async def _run() -> None:
