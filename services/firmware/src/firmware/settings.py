@@ -19,7 +19,7 @@ class FirmwareSettings(DatabaseSettings):
         "postgresql+asyncpg://firmware:firmware-dev@127.0.0.1:55432/firmware"
     )
     # The tokens service's public keys for the internal JWT (also AUTOGEN_JWKS_URL).
-    jwks_url: str = "http://127.0.0.1:8101/api/v1/.well-known/jwks.json"
+    jwks_url: str = "http://127.0.0.1:8101/.well-known/jwks.json"
 
     # How long a device has, from the OTA request, to come back live with the new version.
     # The manual: GSM and GPS units take longer than WiFi units; do not assume failure early.

@@ -19,7 +19,7 @@ class FleetSettings(DatabaseSettings):
         "postgresql+asyncpg://fleet:fleet-dev@127.0.0.1:55432/fleet"
     )
     # The tokens service's public keys for the internal JWT (also AUTOGEN_JWKS_URL).
-    jwks_url: str = "http://127.0.0.1:8101/api/v1/.well-known/jwks.json"
+    jwks_url: str = "http://127.0.0.1:8101/.well-known/jwks.json"
     # The gateway's internal API, which issues and revokes devices' MQTT credentials.
     gateway_url: str = "http://127.0.0.1:8105"
     gateway_timeout_s: float = Field(default=5.0, gt=0, le=60)

@@ -208,16 +208,29 @@ class Bridge:
         )
         session.disconnect()
 
-    async def publish_command(self, device_id: str, payload: bytes) -> None:
-        """Publish to the device's command topic at QoS 1; raises ConnectionError if it can't."""
+    async def publish_command(
+        self, device_id: str, payload: bytes, *, expires_at: datetime | None = None
+    ) -> None:
+        """Publish to the device's command topic at QoS 1; raises ConnectionError if it can't.
+
+        With `expires_at`, the MQTT v5 Message Expiry Interval makes the broker drop a command
+        that waits in an offline device's session past its TTL, instead of handing it over.
+        """
         timeout = self._settings.mqtt_publish_timeout_s
+        properties: Properties | None = None
+        if expires_at is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            remaining = (expires_at - datetime.now(UTC)).total_seconds()
+            properties.MessageExpiryInterval = max(1, int(remaining))
         try:
             async with asyncio.timeout(timeout):
                 await self.connected.wait()
                 client = self._client
                 if client is None:
                     raise ConnectionError("no MQTT session")
-                await client.publish(protocol.command_topic(device_id), payload, qos=1)
+                await client.publish(
+                    protocol.command_topic(device_id), payload, qos=1, properties=properties
+                )
         except TimeoutError as exc:
             raise ConnectionError(f"MQTT publish not acknowledged within {timeout}s") from exc
         except aiomqtt.MqttError as exc:

@@ -26,7 +26,8 @@ def register(
     return subscribe(
         broker,
         commands.DISPATCH,
-        group_id=settings.dispatch_group_id,
+        # Prefixed like the topics, so test sessions never join the platform's group.
+        group_id=settings.kafka_topic_prefix + settings.dispatch_group_id,
         handler=on_dispatch,
         source=SOURCE,
         topic_prefix=settings.kafka_topic_prefix,

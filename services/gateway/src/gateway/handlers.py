@@ -98,7 +98,11 @@ async def deliver_command(
         if protocol.is_expired(command, now):
             outcome, detail = "expired", "expired before the gateway could send it"
         else:
-            await bridge.publish_command(command.device_id, protocol.command_payload(command))
+            await bridge.publish_command(
+                command.device_id,
+                protocol.command_payload(command),
+                expires_at=command.expires_at,
+            )
             outcome, detail = "sent", None
         status = commands.CommandStatus(
             command_id=command.command_id,
