@@ -71,8 +71,10 @@ fmt: ## ruff fix and format
 test: install ## lint, types and tests against the real stack
 	@$(STACK) start
 	@$(STACK) smoke
-	@# System tests talk to the running services through nginx, as users do.
+	@# System tests talk to the running services through nginx, as users do, with the demo
+	@# fleet (accounts, devices, simulator) that the console tests drive.
 	@$(SERVICES) start
+	@$(WITH_ENV) $(SEED)
 	$(UV_RUN) ruff check .
 	$(UV_RUN) ruff format --check .
 	$(UV_RUN) mypy

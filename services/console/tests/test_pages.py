@@ -219,10 +219,13 @@ async def test_new_token_secret_is_shown_once(
         data={"csrf": csrf, "name": "dash", "user_id": "u-cust", "access": "read",
               "device_ids": "GEN-001, GEN-002", "expires_in_days": "30"},
     )  # fmt: skip
-    assert created.status_code == 201
-    assert "agk_secret_shown_once" in created.text
-    assert "shown only once" in created.text
-    assert created.headers["Cache-Control"] == "no-store"
+    # Post/Redirect/Get: a reload of the page never re-creates the token.
+    assert created.status_code == 303
+    assert created.headers["location"] == "/tokens"
+    shown = await console.get("/tokens")
+    assert "agk_secret_shown_once" in shown.text
+    assert "shown only once" in shown.text
+    assert shown.headers["Cache-Control"] == "no-store"
     assert fake_api.tokens_created == [{
         "name": "dash", "user_id": "u-cust", "access": "read",
         "device_ids": ["GEN-001", "GEN-002"], "expires_in_days": 30,

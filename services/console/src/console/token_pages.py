@@ -1,5 +1,8 @@
 """API Tokens page, and the admin-only Dealers page."""
 
+import base64
+import binascii
+import json
 import re
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -8,13 +11,23 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from console.api_client import ApiError
-from console.session import PostingSessionDep, Session, SessionDep, read_form
+from console.session import (
+    PostingSessionDep,
+    Session,
+    SessionDep,
+    read_form,
+    secure_cookies,
+)
 from console.views import render
 
 router = APIRouter()
 
 DEVICE_SPLIT = re.compile(r"[\s,;]+")
 DEFAULT_EXPIRY_DAYS = 90
+# The new token's secret travels to the one page view that shows it (Post/Redirect/Get, so a
+# reload neither re-creates the token nor shows the secret again).
+NEW_TOKEN_COOKIE = "agf_new_token"  # noqa: S105 - a cookie name
+NEW_TOKEN_MAX_AGE_S = 120
 
 
 async def tokens_context(session: Session) -> dict[str, Any]:
@@ -42,17 +55,31 @@ async def tokens_context(session: Session) -> dict[str, Any]:
 
 @router.get("/tokens")
 async def tokens_page(request: Request, session: SessionDep) -> HTMLResponse:
-    """List, create and revoke API tokens."""
+    """List, create and revoke API tokens (a just-created token's secret shows once)."""
     context = await tokens_context(session)
-    return render(
+    created = _read_new_token(request.cookies.get(NEW_TOKEN_COOKIE))
+    response = render(
         request, "tokens.html", session, form={}, error=request.query_params.get("error", "")[:500],
-        default_expiry=DEFAULT_EXPIRY_DAYS, **context,
+        default_expiry=DEFAULT_EXPIRY_DAYS, created=created, **context,
     )  # fmt: skip
+    if NEW_TOKEN_COOKIE in request.cookies:
+        response.delete_cookie(NEW_TOKEN_COOKIE, path="/tokens", httponly=True, samesite="strict")
+    return response
 
 
-@router.post("/tokens")
-async def create_token(request: Request, session: PostingSessionDep) -> HTMLResponse:
-    """Create a token; its secret is on this answer only."""
+def _read_new_token(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(base64.urlsafe_b64decode(raw.encode()))
+    except (binascii.Error, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@router.post("/tokens", response_model=None)
+async def create_token(request: Request, session: PostingSessionDep) -> Response:
+    """Create a token, then show its secret once on the page this redirects to."""
     form = await read_form(request)
     values = {
         "name": form.get("name"),
@@ -85,11 +112,17 @@ async def create_token(request: Request, session: PostingSessionDep) -> HTMLResp
         except ApiError as exc:
             problem = exc.detail
         else:
-            context = await tokens_context(session)
-            return render(
-                request, "tokens.html", session, created=created, form={},
-                default_expiry=DEFAULT_EXPIRY_DAYS, status_code=201, **context,
-            )  # fmt: skip
+            redirect = RedirectResponse("/tokens", status_code=303)
+            redirect.set_cookie(
+                NEW_TOKEN_COOKIE,
+                base64.urlsafe_b64encode(json.dumps(created).encode()).decode(),
+                max_age=NEW_TOKEN_MAX_AGE_S,
+                path="/tokens",
+                httponly=True,
+                samesite="strict",
+                secure=secure_cookies(request),
+            )
+            return redirect
     context = await tokens_context(session)
     return render(
         request, "tokens.html", session, form=values, error=problem,
