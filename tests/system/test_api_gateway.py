@@ -22,7 +22,15 @@ from common.testing.stack import StackAddresses
 pytestmark = pytest.mark.stack
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "api-gateway.conf.template"
-PORTS = {"TOKENS": 8101, "FLEET": 8102, "COMMANDS": 8103, "FIRMWARE": 8104, "GATEWAY": 8105}
+DEFAULT_PORTS = {
+    "TOKENS": 8101,
+    "FLEET": 8102,
+    "COMMANDS": 8103,
+    "FIRMWARE": 8104,
+    "GATEWAY": 8105,
+    "CONSOLE": 8106,
+}
+PORTS = {name: int(os.environ.get(f"{name}_HTTP_PORT", p)) for name, p in DEFAULT_PORTS.items()}
 
 
 def free_port() -> int:
@@ -54,7 +62,6 @@ def private_gateway(tmp_path: Path, stack: StackAddresses) -> Iterator[Gateway]:
     ) -> str:
         port = free_port()
         values = {f"{name}_UPSTREAM": f"127.0.0.1:{p}" for name, p in PORTS.items()}
-        values["CONSOLE_UPSTREAM"] = "127.0.0.1:8106"
         if tokens_port is not None:
             values["TOKENS_UPSTREAM"] = f"127.0.0.1:{tokens_port}"
         values |= {
