@@ -102,20 +102,35 @@ def watch_fleet_console(page: Page, version: str, live_targets: set[str]) -> Non
     page.get_by_role("button", name="Search").click()
 
     def updated() -> set[str]:
-        rows = page.locator("#fleet-rows tr[data-device-id]")
-        return {
-            r.get_attribute("data-device-id") or "" for r in rows.all()
-            if r.get_by_test_id("connection").inner_text() == "live"
-        }  # fmt: skip
+        # One snapshot in the page: the rows are swapped by the live refresh between calls.
+        live: list[str] = page.eval_on_selector_all(
+            "#fleet-rows tr[data-device-id]",
+            """rows => rows
+                .filter(r => r.querySelector('[data-testid=connection]')
+                    ?.innerText.trim() === 'live')
+                .map(r => r.dataset.deviceId)""",
+        )
+        return set(live)
 
     wait_for(
         f"every live {MODEL} {ENGINE} {TRANSPORT} unit to report {version} in the Fleet Console",
         lambda: live_targets <= updated() or None,
         deadline_s=OTA_DEADLINE_S,
     )
-    for cell in page.locator("#fleet-rows").get_by_test_id("firmware").all():
-        expect(cell).to_have_text(version)
+    shown: list[str] = page.eval_on_selector_all(
+        "#fleet-rows [data-testid=firmware]", "cells => cells.map(c => c.innerText.trim())"
+    )
+    assert shown, "the Fleet Console shows no device of the new version"
+    assert set(shown) == {version}, shown
     shot(page, "fleet-console-after-rollout")
+
+
+def clear_rollouts_of(release_id: str, headers: dict[str, str]) -> None:
+    """Leave no active rollout behind, whatever happened (the next run would get a 409)."""
+    rollouts = httpx.get(f"{API}/rollouts", headers=headers).json()["items"]
+    for rollout in rollouts:
+        if rollout["release"]["id"] == release_id and rollout["status"] in ("running", "paused"):
+            httpx.post(f"{API}/rollouts/{rollout['id']}/clear", headers=headers)
 
 
 def test_unified_validate_deploy_and_watch_versions_change(page: Page) -> None:
@@ -136,6 +151,20 @@ def test_unified_validate_deploy_and_watch_versions_change(page: Page) -> None:
              if d["id"] in {t["id"] for t in tests}), None),
     )  # fmt: skip
     release = publish_release(admin)
+    try:
+        deploy_and_watch(page, dealer, headers, release, test_device)
+    finally:
+        clear_rollouts_of(release["id"], headers)
+
+
+def deploy_and_watch(
+    page: Page,
+    dealer: dict[str, Any],
+    headers: dict[str, str],
+    release: dict[str, Any],
+    test_device: dict[str, Any],
+) -> None:
+    """The manual's workflow, in the console, for one release."""
     version = release["version"]
 
     # 1-2. Validate on the test device, in the Unified console, with the variant chosen.
