@@ -12,6 +12,7 @@ version), per device as each test tells it. The simulator-driven end-to-end flow
 import asyncio
 import json
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -804,11 +805,10 @@ class Process:
     proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        # The interpreter itself, not `uv run`: a SIGKILL must hit the service, not a wrapper
+        # whose child would live on.
         self.proc = await asyncio.create_subprocess_exec(
-            "uv",
-            "run",
-            "--frozen",
-            "python",
+            sys.executable,
             "-m",
             "firmware",
             "serve",
