@@ -103,22 +103,26 @@ def subscribe(
     dead_lettered = KAFKA_CONSUMED.labels(group_id, topic.name, "dead_lettered")
     retried = KAFKA_CONSUMED.labels(group_id, topic.name, "retried")
 
+    async def reject(msg: KafkaMessage, exc: BaseException) -> None:
+        """Keep the record in dead-letter with the reason, then move past it."""
+        await dead_letter(
+            broker,
+            msg,
+            reason=_describe(exc),
+            consumer=group_id,
+            source=source,
+            topic=deadletter_topic,
+        )
+        stats.dead_lettered += 1
+        dead_lettered.inc()
+        await msg.ack()
+
     async def consume(msg: KafkaMessage) -> None:
         record = msg.raw_message
         try:
             event = topic.parse(record.value)  # type: ignore[union-attr]
         except ValidationError as exc:
-            await dead_letter(
-                broker,
-                msg,
-                reason=_describe(exc),
-                consumer=group_id,
-                source=source,
-                topic=deadletter_topic,
-            )
-            stats.dead_lettered += 1
-            dead_lettered.inc()
-            await msg.ack()
+            await reject(msg, exc)
             return
         try:
             await handler(event)
@@ -133,17 +137,7 @@ def subscribe(
             await msg.nack()
             return
         except Exception as exc:  # noqa: BLE001 - anything not transient is kept, not lost
-            await dead_letter(
-                broker,
-                msg,
-                reason=_describe(exc),
-                consumer=group_id,
-                source=source,
-                topic=deadletter_topic,
-            )
-            stats.dead_lettered += 1
-            dead_lettered.inc()
-            await msg.ack()
+            await reject(msg, exc)
             return
         stats.handled += 1
         handled.inc()
