@@ -7,6 +7,7 @@ fresh databases (dropped at the end) and a unique Kafka topic prefix.
 """
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,6 +20,7 @@ from common.testing.stack import (
     StackAddresses,
     create_database,
     create_topics,
+    delete_topics_with_prefix,
     drop_database,
     load_stack_env,
     start_containers,
@@ -45,9 +47,18 @@ def stack() -> Iterator[StackAddresses]:
 
 
 @pytest.fixture(scope="session")
-def topic_prefix() -> str:
-    """A prefix no other test session uses, so old records never leak into these tests."""
-    return f"test-{uuid.uuid4().hex[:10]}."
+def topic_prefix() -> Iterator[str]:
+    """A prefix no other test session uses, so old records never leak into these tests.
+
+    The session's topics are deleted at the end: left behind, thousands of them slow the
+    local broker down for everyone (metadata, log segments, controller work).
+    """
+    prefix = f"test-{uuid.uuid4().hex[:10]}."
+    yield prefix
+    addresses = StackAddresses.from_env(os.environ)
+    if addresses is not None:
+        with contextlib.suppress(Exception):  # cleanup must never fail a green session
+            asyncio.run(delete_topics_with_prefix(addresses.kafka_bootstrap_servers, prefix))
 
 
 @dataclass

@@ -116,6 +116,19 @@ async def drop_database(admin_url: str, name: str) -> None:
         await conn.close()
 
 
+async def delete_topics_with_prefix(bootstrap: str, prefix: str) -> int:
+    """Delete every topic whose name starts with `prefix`; returns how many went."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="autogen-tests")
+    await admin.start()
+    try:
+        doomed = [name for name in await admin.list_topics() if name.startswith(prefix)]
+        if doomed:
+            await admin.delete_topics(doomed)
+        return len(doomed)
+    finally:
+        await admin.close()
+
+
 async def create_topics(bootstrap: str, names: list[str], *, partitions: int = 3) -> None:
     """Create topics (replication factor 1, the local stack's single broker); existing are kept."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="autogen-tests")
