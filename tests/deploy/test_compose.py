@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from common.settings import ServiceSettings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -238,8 +241,9 @@ def test_service_settings_from_environment(model: Model, svc: str) -> None:
     assert env["AUTOGEN_ENV"] == "development"
     assert env["AUTOGEN_KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
     assert env["AUTOGEN_REDIS_URL"] == "redis://redis:6379/0"
-    assert env["AUTOGEN_MQTT_HOST"] == "mosquitto"
-    assert env["AUTOGEN_MQTT_PORT"] == "1883"
+    if svc == "gateway":  # the only service that talks to the broker
+        assert env["AUTOGEN_MQTT_HOST"] == "mosquitto"
+        assert env["AUTOGEN_MQTT_PORT"] == "1883"
     assert env[f"{prefix}_HTTP_HOST"] == "0.0.0.0"  # noqa: S104 - inside its container
     assert env[f"{prefix}_HTTP_PORT"] == str(PORTS[svc])
     # The same port is the service's own default and the one its image exposes.
@@ -947,3 +951,100 @@ def test_dockerignore_keeps_what_builds_need_and_nothing_else() -> None:
                  "services/fleet/tests/test_x.py", "tests/deploy/test_compose.py", "bench/x.py",
                  ".env"):  # fmt: skip
         assert dockerignored(path, patterns), f"{path} should stay out of the build context"
+
+
+# ---------------------------------------------------------------- same suite as the local stack
+
+
+def local_stack_env() -> dict[str, str]:
+    """What `deploy/local/stack env` gives the locally run services and tests."""
+    out = subprocess.run(
+        [str(REPO / "deploy/local/stack"), "env"], capture_output=True, text=True, check=True
+    ).stdout
+    env: dict[str, str] = {}
+    for line in out.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            key, _, value = words[1].partition("=")
+            env[key] = value
+    return env
+
+
+def local_array(name: str) -> list[str]:
+    """A bash array from deploy/local/lib.sh, e.g. HTTP_SERVICES=(tokens fleet ...)."""
+    found = re.search(rf"^{name}=\(([^)]*)\)", (REPO / "deploy/local/lib.sh").read_text(), re.M)
+    assert found, f"deploy/local/lib.sh has no {name}"
+    return found.group(1).split()
+
+
+def settings_fields(svc: str) -> set[str]:
+    """The names of the settings a service reads (its pydantic-settings model)."""
+    module = importlib.import_module(f"{svc}.settings")
+    classes = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type)
+        and issubclass(c, ServiceSettings)
+        and c.__module__ == module.__name__
+    ]
+    assert len(classes) == 1, f"{svc}.settings defines one settings class"
+    return set(classes[0].model_fields)
+
+
+def setting_of(svc: str, key: str) -> str | None:
+    """The settings field an environment variable sets for `svc` (own prefix or AUTOGEN_)."""
+    for prefix in (f"{svc.upper()}_", "AUTOGEN_"):
+        if key.startswith(prefix):
+            field = key.removeprefix(prefix).lower()
+            if field in settings_fields(svc):
+                return field
+    return None
+
+
+def test_compose_runs_the_services_the_local_stack_runs(model: Model) -> None:
+    assert sorted(local_array("HTTP_SERVICES")) == sorted(SERVICES)
+    assert sorted(local_array("DB_SERVICES")) == sorted(database_services())
+    long_running = {n for n, s in model["services"].items() if s.get("restart") != "no"}
+    infrastructure = {"kafka", "postgres", "redis", "mosquitto", "nginx"}
+    # The local stack's extra process is the demo fleet's simulator (deploy/local/seed).
+    assert long_running == set(SERVICES) | infrastructure | {"simulator"}
+
+
+def test_both_create_topics_from_the_same_declaration(model: Model) -> None:
+    mounts = bind_mounts(model, "kafka-init")
+    assert set(mounts.values()) == {REPO / "deploy/local/topics.py", REPO / "deploy/topics.yaml"}
+    assert "deploy/topics.yaml" in (REPO / "deploy/local/stack").read_text()
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_compose_sets_every_setting_the_local_stack_sets(model: Model, svc: str) -> None:
+    local = {f for k in local_stack_env() if (f := setting_of(svc, k)) is not None}
+    composed = {f for k in env_of(model, svc) if (f := setting_of(svc, k)) is not None}
+    assert local, f"the local stack configures {svc}"
+    assert local <= composed, f"{svc}: compose leaves {sorted(local - composed)} at defaults"
+
+
+@pytest.mark.parametrize("svc", SERVICES)
+def test_every_compose_variable_is_a_setting_of_its_service(model: Model, svc: str) -> None:
+    # A misspelt variable is silently ignored by pydantic-settings: the default runs instead.
+    unknown = [k for k in env_of(model, svc) if setting_of(svc, k) is None]
+    assert not unknown, f"{svc} does not read {unknown}"
+
+
+def test_the_demo_fleet_is_seeded_the_way_make_up_seeds_it(model: Model) -> None:
+    seed_script = (REPO / "deploy/local/seed").read_text()
+    accounts = service(model, "demo-accounts")["command"]
+    devices = service(model, "demo-devices")["command"]
+    simulator = service(model, "simulator")["command"]
+    assert accounts[:4] == ["python", "-m", "tokens", "seed"]
+    assert devices[:4] == ["python", "-m", "fleet", "seed"]
+    assert simulator[:3] == ["python", "-m", "gateway.simulator"]
+    for step in ("-m tokens seed", "-m fleet seed", "start simulator"):
+        assert step in seed_script
+    # The file each step writes is the one the next reads, on the shared volume.
+    assert accounts[accounts.index("--out") + 1] == devices[devices.index("--accounts") + 1]
+    assert devices[devices.index("--out") + 1] == simulator[simulator.index("--devices") + 1]
+    assert depends_on(model, "demo-devices")["demo-accounts"] == "service_completed_successfully"
+    assert depends_on(model, "simulator")["demo-devices"] == "service_completed_successfully"
+    # Registered through the API gateway, like a dealer's request.
+    assert env_of(model, "demo-devices")["AUTOGEN_API_BASE_URL"].startswith("http://nginx/")
