@@ -1,0 +1,1 @@
+"""autogen: the ops command line of AutoGen Fleet, over the public HTTP API only."""

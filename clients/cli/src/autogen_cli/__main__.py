@@ -1,0 +1,5 @@
+"""`python -m autogen_cli`: the same as the `autogen` command."""
+
+from autogen_cli.app import main
+
+main()
