@@ -7,12 +7,22 @@ them published in the same database transaction. A crash between publish and mar
 mark back, so the rows are published again: consumers see a duplicate (same `event_id`), never
 a gap. One relay per database publishes at a time (a transaction-scoped advisory lock), which
 keeps the order across replicas of the service.
+
+The relay polls every `poll_interval_s`. A table made with `outbox_table(..., wake_relay=True)`
+also wakes it as soon as a transaction that added events commits: the relays of this process
+at once (a session `after_commit` hook), and the relays of other processes on the same database
+through PostgreSQL `NOTIFY` (sent by the transaction, so delivered only if it commits; the
+relay `LISTEN`s on a connection of its own). A lost wake-up costs one poll interval, never an
+event: the poll stays the safety net.
 """
 
 import asyncio
 import contextlib
 import logging
+import uuid
+import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,6 +39,7 @@ from sqlalchemy import (
     String,
     Table,
     Uuid,
+    event,
     func,
     select,
     text,
@@ -36,6 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
 
 from common.contracts.topic import Topic
 from common.events import DataT, Envelope, encode
@@ -45,8 +57,20 @@ from common.telemetry import current_trace_headers
 logger = logging.getLogger(__name__)
 
 
-def outbox_table(metadata: MetaData) -> Table:
-    """The `outbox` table, in the service's own metadata (and its own migrations)."""
+# Session.info keys: outbox tables written in the open transaction, and those already NOTIFYed.
+_WRITTEN = "common.outbox.written"
+_NOTIFIED = "common.outbox.notified"
+# This process's token in NOTIFY payloads: its own relays are woken in-process already.
+_PROCESS_TOKEN = uuid.uuid4().hex
+_relays: dict[str, "weakref.WeakSet[OutboxRelay]"] = {}
+
+
+def outbox_table(metadata: MetaData, *, wake_relay: bool = False) -> Table:
+    """The `outbox` table, in the service's own metadata (and its own migrations).
+
+    `wake_relay`: a commit that added events wakes the relays at once (see the module
+    docstring) instead of leaving them to their next poll; for latency-sensitive paths.
+    """
     return Table(
         "outbox",
         metadata,
@@ -59,7 +83,13 @@ def outbox_table(metadata: MetaData) -> Table:
         Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
         Column("published_at", DateTime(timezone=True), nullable=True),
         Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+        info={"wake_relay": wake_relay},
     )
+
+
+def notify_channel(outbox: Table) -> str:
+    """The PostgreSQL channel a table's relays LISTEN on."""
+    return f"outbox_relay_{zlib.crc32(outbox.fullname.encode()):08x}"
 
 
 async def add_event(
@@ -81,6 +111,30 @@ async def add_event(
             headers=headers,
         )
     )
+    if not outbox.info.get("wake_relay"):
+        return
+    if isinstance(session, AsyncSession):
+        info = session.info
+        info.setdefault(_WRITTEN, set()).add(outbox.fullname)
+        if outbox.fullname in info.setdefault(_NOTIFIED, set()):
+            return
+        info[_NOTIFIED].add(outbox.fullname)
+    # Queued by PostgreSQL until the commit, dropped by a rollback: exactly "events committed".
+    await session.execute(select(func.pg_notify(notify_channel(outbox), _PROCESS_TOKEN)))
+
+
+@event.listens_for(Session, "after_commit")
+def _wake_after_commit(session: Session) -> None:
+    for name in session.info.pop(_WRITTEN, ()):
+        for relay in list(_relays.get(name, ())):
+            relay.wake()
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _forget_transaction(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_WRITTEN, None)
+        session.info.pop(_NOTIFIED, None)
 
 
 @dataclass
@@ -90,6 +144,8 @@ class RelayStats:
     published: int = 0
     batches: int = 0
     errors: int = 0
+    rounds: int = 0
+    wakeups: int = 0
 
 
 class OutboxRelay:
@@ -124,6 +180,22 @@ class OutboxRelay:
             max_batch_size=256 * 1024,
         )
         self.stats = RelayStats()
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wake(self) -> None:
+        """Events were committed: relay now instead of at the next poll (any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
 
     async def start(self) -> None:
         """Connect the producer."""
@@ -135,21 +207,40 @@ class OutboxRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; errors are logged and retried, never fatal."""
-        purge_every = 600
-        loops = 0
+        self._loop = asyncio.get_running_loop()
+        waking = bool(self._outbox.info.get("wake_relay"))
+        if waking:
+            _relays.setdefault(self._outbox.fullname, weakref.WeakSet()).add(self)
+        listener = _Listener(self._engine, notify_channel(self._outbox), self.wake)
+        try:
+            await self._run(stop, listener if waking else None)
+        finally:
+            _relays.get(self._outbox.fullname, weakref.WeakSet()).discard(self)
+            await listener.close()
+
+    async def _run(self, stop: asyncio.Event, listener: "_Listener | None") -> None:
+        # Purge on a clock, not every N rounds: wake-ups make rounds as frequent as commits.
+        purge_every_s = 600 * self._poll_interval_s
+        clock = asyncio.get_running_loop().time
+        next_purge = clock() + purge_every_s
         while not stop.is_set():
+            if listener is not None:
+                await listener.ensure()
+            # Cleared before reading: a commit after this point wakes the next round.
+            self._wake.clear()
             try:
                 count = await self.relay_once()
-                loops += 1
-                if loops % purge_every == 0:
+                self.stats.rounds += 1
+                if clock() >= next_purge:
+                    next_purge = clock() + purge_every_s
                     await self.purge()
             except Exception:
                 self.stats.errors += 1
                 logger.exception("outbox relay failed; retrying")
                 count = 0
                 await _wait(stop, min(5.0, self._poll_interval_s * 20))
-            if count < self._batch_size:
-                await _wait(stop, self._poll_interval_s)
+            if count < self._batch_size and await _wait(stop, self._poll_interval_s, self._wake):
+                self.stats.wakeups += 1
 
     async def relay_once(self) -> int:
         """Publish one batch of unpublished events; returns how many."""
@@ -220,6 +311,63 @@ class OutboxRelay:
         return int(count or 0)
 
 
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+class _Listener:
+    """A connection of its own that LISTENs for other processes' commits (asyncpg only)."""
+
+    def __init__(self, engine: AsyncEngine, channel: str, wake: Callable[[], None]) -> None:
+        self._engine = engine
+        self._channel = channel
+        self._wake = wake
+        self._conn: AsyncConnection | None = None
+        self._driver: Any = None
+        self._retry_at = 0.0
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload != _PROCESS_TOKEN:
+            self._wake()
+
+    async def ensure(self) -> None:
+        """(Re)connect and LISTEN if not listening; failures fall back to polling."""
+        if self._driver is not None and not self._driver.is_closed():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._retry_at:
+            return
+        await self.close()
+        try:
+            self._conn = await self._engine.connect()
+            raw = await self._conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            if not hasattr(driver, "add_listener"):
+                self._retry_at = float("inf")  # not asyncpg: the poll alone it is
+                await self.close()
+                return
+            await driver.add_listener(self._channel, self._on_notify)
+            self._driver = driver
+        except Exception:
+            logger.warning("outbox relay cannot LISTEN; polling meanwhile", exc_info=True)
+            self._retry_at = loop.time() + 5.0
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop listening and give the connection back."""
+        conn, self._conn, self._driver = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                # The pool resets the connection on return (asyncpg drops its listeners).
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+async def _wait(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> bool:
+    """Sleep until `stop`, `wake` or the timeout; True if woken."""
+    waits = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waits.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+    return wake is not None and wake.is_set() and not stop.is_set()

@@ -1,0 +1,211 @@
+"""The outbox relay's wake-up against real PostgreSQL and Kafka.
+
+A table made with `wake_relay=True` is published as soon as the transaction that added an event
+commits (its own process's relays at once, another process's through NOTIFY), not at the next
+poll; a rolled back transaction wakes nobody and publishes nothing; a table without it behaves
+as before (polling only). The relays here poll every 30 s, far beyond each test's deadline, so
+only a wake-up can make a test pass.
+"""
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer
+from pydantic import BaseModel
+from sqlalchemy import MetaData, Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from common.contracts.topic import Topic
+from common.db import make_engine, make_sessionmaker
+from common.events import Envelope, new_event
+from common.outbox import OutboxRelay, add_event, notify_channel, outbox_table
+from common.testing.plugin import KafkaTopics, Migrate
+from common.testing.stack import StackAddresses
+
+pytestmark = pytest.mark.stack
+
+POLL_S = 30.0
+
+
+class Ping(BaseModel):
+    """The test's event."""
+
+    n: int
+
+
+PINGS = Topic(
+    name="test.outbox-ping.v1",
+    data=Ping,
+    event_type="test.outbox.ping",
+    key="none",
+    description="Pings of the outbox wake-up test.",
+)
+
+
+async def _engine_with(url: str, table: Table) -> AsyncEngine:
+    engine = make_engine(url, pool_size=2)
+    async with engine.begin() as conn:
+        await conn.run_sync(table.metadata.create_all)
+    return engine
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], deadline_s: float = 10.0) -> None:
+    async with asyncio.timeout(deadline_s):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
+class Running:
+    """A relay running in the background and a consumer of what it published."""
+
+    def __init__(self, relay: OutboxRelay, consumer: AIOKafkaConsumer) -> None:
+        self.relay = relay
+        self.consumer = consumer
+        self.seen: list[int] = []
+
+    async def received(self, n: int) -> bool:
+        """Whether the ping `n` arrived (the topic holds the other tests' pings too)."""
+        batches = await self.consumer.getmany(timeout_ms=100)
+        for records in batches.values():
+            self.seen.extend(
+                Envelope[Ping].model_validate_json(r.value or b"").data.n for r in records
+            )
+        return n in self.seen
+
+
+@asynccontextmanager
+async def _running(
+    stack: StackAddresses, engine: AsyncEngine, table: Table, prefix: str
+) -> AsyncIterator[Running]:
+    relay = OutboxRelay(
+        engine=engine,
+        outbox=table,
+        bootstrap_servers=stack.kafka_bootstrap_servers,
+        client_id=f"test-outbox-{uuid.uuid4().hex[:6]}",
+        poll_interval_s=POLL_S,
+        topic_prefix=prefix,
+    )
+    consumer = AIOKafkaConsumer(
+        prefix + PINGS.name,
+        bootstrap_servers=stack.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+    await relay.start()
+    await consumer.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(relay.run(stop))
+    # The first round runs at start; from then on only wake-ups relay before the poll.
+    await _eventually(lambda: _rounds(relay))
+    try:
+        yield Running(relay, consumer)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await consumer.stop()
+        await relay.stop()
+
+
+@pytest.fixture
+async def world(
+    stack: StackAddresses, fresh_database: Migrate, kafka_topics: KafkaTopics
+) -> tuple[str, str]:
+    await kafka_topics.create(PINGS.name, partitions=1)
+    url = await fresh_database("outbox_wake")
+    return url, kafka_topics.prefix
+
+
+async def _rounds(relay: OutboxRelay) -> bool:
+    return relay.stats.rounds > 0
+
+
+async def _published(relay: OutboxRelay) -> bool:
+    return relay.stats.published > 0
+
+
+class _AbandonError(Exception):
+    pass
+
+
+async def _add(engine: AsyncEngine, table: Table, n: int, *, commit: bool = True) -> None:
+    sessions = make_sessionmaker(engine)
+    with contextlib.suppress(_AbandonError):
+        async with sessions() as session, session.begin():
+            event = new_event(type=PINGS.event_type, data=Ping(n=n), source="test")
+            await add_event(session, table, PINGS, event)
+            if not commit:
+                raise _AbandonError
+
+
+async def test_a_commit_wakes_the_relay_of_its_process(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData(), wake_relay=True)
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            await _add(engine, table, 1, commit=False)
+            await _add(engine, table, 2)
+            await _eventually(lambda: run.received(2))
+            await _eventually(lambda: _published(run.relay))
+            assert run.relay.stats.published == 1
+            assert 1 not in run.seen  # the rolled back event never existed
+            assert run.relay.stats.wakeups >= 1
+    finally:
+        await engine.dispose()
+
+
+async def test_another_process_commit_wakes_the_relay_through_notify(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData(), wake_relay=True)
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            # Another replica: its own connection, its own process token in the payload.
+            other = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+            try:
+                event = new_event(type=PINGS.event_type, data=Ping(n=3), source="test")
+                async with other.transaction():
+                    await other.execute(
+                        "INSERT INTO outbox (event_id, topic, key, payload) "
+                        "VALUES ($1, $2, NULL, $3)",
+                        event.event_id,
+                        PINGS.name,
+                        event.model_dump_json().encode(),
+                    )
+                    await other.execute(
+                        "SELECT pg_notify($1, 'another-replica')", notify_channel(table)
+                    )
+            finally:
+                await other.close()
+            await _eventually(lambda: run.received(3))
+            assert run.relay.stats.wakeups >= 1
+    finally:
+        await engine.dispose()
+
+
+async def test_a_table_without_wake_relay_waits_for_the_poll(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData())
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            await _add(engine, table, 4)
+            assert await run.relay.pending() == 1
+            assert not await run.received(4)
+            assert run.relay.stats.wakeups == 0
+            # What the poll would do, done by hand: the event was staged as before.
+            assert await run.relay.relay_once() == 1
+            await _eventually(lambda: run.received(4))
+    finally:
+        await engine.dispose()
