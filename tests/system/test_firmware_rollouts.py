@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, SecretStr
 from sqlalchemy import select
 
@@ -611,7 +612,8 @@ async def test_wrong_version_fails_and_crossing_the_threshold_pauses(fw: Firmwar
             "release_id": release["id"],
             "scope": "my_fleet",
             "dealer_id": a,
-            "strategy": {"batch_size": 1, "failure_threshold_pct": 40},
+            # Judged from the first finished device (the minimum sample has its own test).
+            "strategy": {"batch_size": 1, "failure_threshold_pct": 40, "failure_min_finished": 1},
             "override": True,
             "override_reason": "lab fleet, validated by hand",
         },
@@ -645,6 +647,39 @@ async def test_wrong_version_fails_and_crossing_the_threshold_pauses(fw: Firmwar
     assert [(r.action, r.reason, r.actor) for r in audit] == [
         ("rollout.override_validation", "lab fleet, validated by hand", ADMIN.user_id)
     ]
+
+
+async def test_one_early_failure_does_not_pause_before_the_minimum_sample(fw: Firmware) -> None:
+    a = unique("dealer-a")
+    # Device ids sort the failing unit first: with one OTA in flight at a time, its failure is
+    # the first finished device (100% failed of 1), which must not pause the rollout.
+    first = f"A-{unique('U')}"
+    rest = [f"B{i:02d}-{unique('U')}" for i in range(11)]
+    for d in (first, *rest):
+        await fw.fake.register(d, dealer_id=a)
+    await projected(fw, first, *rest)
+    fw.fake.behaviour[first] = Behaviour("wrong")
+    release = await fw.release()
+    created = await fw.call(
+        "POST",
+        "/rollouts",
+        ADMIN,
+        {
+            "release_id": release["id"],
+            "scope": "my_fleet",
+            "dealer_id": a,
+            "strategy": {"batch_size": 1, "failure_threshold_pct": 10, "failure_min_finished": 10},
+            "override": True,
+            "override_reason": "minimum sample",
+        },
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["strategy"]["failure_min_finished"] == 10
+    rollout_id = created.json()["id"]
+    done = await fw.until_status(rollout_id, "completed")
+    assert (done["counts"]["confirmed"], done["counts"]["failed"]) == (11, 1)
+    # Nothing resumes a paused rollout by itself: completing means it never paused.
+    assert (await fw.devices(rollout_id))[first]["state"] == "failed"
 
 
 @pytest.mark.parametrize(
@@ -681,6 +716,70 @@ async def test_gsm_units_returning_later_than_wifi_units_are_not_failed_early(
     assert devices[wifi_gone]["state"] == "failed"
     assert "not back" in devices[wifi_gone]["detail"]
     assert (done["counts"]["confirmed"], done["counts"]["failed"]) == (1, 1)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+async def gauges(fw: Firmware) -> dict[tuple[str, str, str], float]:
+    """The rollout gauges on /metrics: (metric, purpose, status or state) -> value."""
+    response = await fw.client.get("/metrics")
+    assert response.status_code == 200
+    found = {}
+    for family in text_string_to_metric_families(response.text):
+        if family.name.startswith("autogen_firmware_rollout"):
+            for sample in family.samples:
+                label = sample.labels.get("status") or sample.labels.get("state", "")
+                found[(sample.name, sample.labels["purpose"], label)] = sample.value
+    return found
+
+
+@pytest.mark.parametrize("service_settings", [{"metrics_interval_s": 0.1}], indirect=True)
+async def test_metrics_count_rollouts_by_status_and_devices_by_state(fw: Firmware) -> None:
+    a = unique("dealer-a")
+    units = [unique(f"M{i}") for i in range(3)]
+    for d in units:
+        await fw.fake.register(d, dealer_id=a)
+        fw.fake.behaviour[d] = Behaviour("never")
+    await projected(fw, *units)
+    release = await fw.release()
+    created = await fw.call(
+        "POST",
+        "/rollouts",
+        ADMIN,
+        {
+            "release_id": release["id"],
+            "scope": "my_fleet",
+            "dealer_id": a,
+            "strategy": {"batch_size": 2},
+            "override": True,
+            "override_reason": "metrics",
+        },
+    )
+    assert created.status_code == 201, created.text
+    rollout_id = created.json()["id"]
+    rollouts, devices = "autogen_firmware_rollouts", "autogen_firmware_rollout_devices"
+
+    async def waiting() -> bool:
+        g = await gauges(fw)
+        return (
+            g.get((rollouts, "rollout", "running")) == 1
+            and g.get((devices, "rollout", "awaiting_return")) == 2
+            and g.get((devices, "rollout", "pending")) == 1
+        )
+
+    await eventually(waiting)
+    assert (await fw.call("POST", f"/rollouts/{rollout_id}/clear", ADMIN)).status_code == 200
+
+    async def cleared() -> bool:
+        g = await gauges(fw)
+        return (
+            g.get((rollouts, "rollout", "cleared")) == 1
+            and g.get((rollouts, "rollout", "running")) == 0
+            and g.get((devices, "rollout", "awaiting_return")) == 0
+        )
+
+    await eventually(cleared)
 
 
 # ------------------------------------------------------------------ pause, resume, clear

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from firmware.domain import (
+    Pace,
     Policy,
     Progress,
     RuleError,
@@ -21,7 +22,7 @@ from firmware.domain import (
     on_deadline,
     on_ota_report,
     on_presence,
-    refill,
+    pace_room,
     variant_mismatch,
 )
 
@@ -266,11 +267,44 @@ def test_threshold_counts_finished_devices_and_respects_a_resume() -> None:
     assert crosses_threshold(failed=3, confirmed=9, threshold_pct=10, acknowledged_failed=2)
 
 
-def test_token_bucket_paces_and_caps_bursts() -> None:
-    burst = burst_of(600)
-    assert burst == 50
-    assert refill(0, elapsed_s=0.5, max_per_minute=600, burst=burst) == 5
-    assert refill(0, elapsed_s=60, max_per_minute=600, burst=burst) == 50
-    assert refill(3, elapsed_s=-1, max_per_minute=600, burst=burst) == 3
-    assert refill(0, elapsed_s=0, max_per_minute=None, burst=burst_of(None)) == float("inf")
+def test_pace_is_anchored_to_the_start_and_exact_over_a_run() -> None:
+    pace = Pace(anchor_at=T0)
+    # One device at the start, then max_per_minute / 60 a second, whatever the passes' timing.
+    assert pace_room(pace, max_per_minute=600, now=T0) == (1, pace)
+    sent = 0.0
+    for ms in (130, 250, 1100, 1170, 2900, 4000, 4010, 5000):
+        now = T0 + timedelta(milliseconds=ms)
+        room, pace = pace_room(replace(pace, sent=sent), max_per_minute=600, now=now)
+        sent = pace.sent + room
+    # After 5 s at 10/s: exactly 1 + 50 sent, no rounding lost between passes.
+    assert sent == 51
+    room, _ = pace_room(
+        Pace(anchor_at=T0, sent=51), max_per_minute=600, now=T0 + timedelta(seconds=5)
+    )
+    assert room == 0
+    assert pace_room(pace, max_per_minute=None, now=T0)[0] == float("inf")
+
+
+def test_pace_after_a_stall_reanchors_with_at_most_a_burst() -> None:
+    # The dispatcher was down for ten minutes: at most five seconds' worth goes at once.
+    room, pace = pace_room(Pace(anchor_at=T0), max_per_minute=600, now=T0 + timedelta(minutes=10))
+    assert room == burst_of(600) == 50
+    later = T0 + timedelta(minutes=10, seconds=1)
+    # And from there the pace goes on: one second later, ten more.
+    assert pace_room(replace(pace, sent=pace.sent + room), max_per_minute=600, now=later)[0] == 10
     assert burst_of(6) == 1
+    # A clock that went backwards never yields negative room.
+    assert pace_room(Pace(anchor_at=T0, sent=5), max_per_minute=600, now=T0 - timedelta(1))[0] == 0
+
+
+def test_threshold_waits_for_its_minimum_sample() -> None:
+    # One early failure in a 200-device rollout is not a 100% failure rate.
+    args = {"threshold_pct": 10, "acknowledged_failed": 0, "min_finished": 20, "targeted": 200}
+    assert not crosses_threshold(failed=1, confirmed=0, **args)
+    assert not crosses_threshold(failed=2, confirmed=17, **args)
+    assert crosses_threshold(failed=3, confirmed=17, **args)
+    assert not crosses_threshold(failed=2, confirmed=18, **args)
+    # A rollout smaller than the sample is judged once all of it has finished.
+    small = {**args, "targeted": 3}
+    assert not crosses_threshold(failed=2, confirmed=0, **small)
+    assert crosses_threshold(failed=2, confirmed=1, **small)

@@ -15,7 +15,7 @@ from common.health import health_router
 from common.http import install_http_conventions, problem_response
 from common.infra import Infra
 from common.telemetry import instrument_app
-from firmware import consumers, store
+from firmware import consumers, metrics, store
 from firmware.api import build_router
 from firmware.dispatcher import Dispatcher
 from firmware.domain import Policy, RuleError
@@ -60,13 +60,18 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with infra.running():
             stop = asyncio.Event()
-            task = asyncio.create_task(dispatcher.run(stop), name="rollout-dispatcher")
+            tasks = [
+                asyncio.create_task(dispatcher.run(stop), name="rollout-dispatcher"),
+                asyncio.create_task(
+                    metrics.run(engine, stop, settings.metrics_interval_s), name="rollout-metrics"
+                ),
+            ]
             try:
                 yield
             finally:
                 stop.set()
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    await asyncio.wait_for(task, timeout=10)
+                    await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
 
     app = FastAPI(title="AutoGen Fleet firmware service", version="1", lifespan=lifespan)
     app.state.infra = infra

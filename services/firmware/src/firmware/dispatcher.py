@@ -2,15 +2,14 @@
 
 One pass is one transaction under a transaction-scoped advisory lock, so one replica works at a
 time and a pass killed halfway leaves nothing behind: a device is `sent` exactly when its
-`command.request.v1` event is in the outbox. The pace (`max_per_minute`, a token bucket) lives
-in the rollout row, so replicas and restarts keep one pace. Locks are taken rollouts first,
+`command.request.v1` event is in the outbox. The pace (`max_per_minute`, anchored to the start)
+lives in the rollout row, so replicas and restarts keep one pace. Locks are taken rollouts first,
 then device rows with SKIP LOCKED, so the API's pause and clear never deadlock with a pass.
 """
 
 import asyncio
 import contextlib
 import logging
-import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,15 +22,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from firmware import store
 from firmware.domain import (
     IN_FLIGHT,
+    Pace,
     Policy,
-    burst_of,
     crosses_threshold,
-    dispatch,
     on_deadline,
-    refill,
+    pace_room,
 )
-from firmware.events import RolloutInfo, ota_request, rollout_event
+from firmware.events import RolloutInfo, rollout_event
 from firmware.progress import Tracked, progress_of, write_changes
+from firmware.sending import send_pending
 
 logger = logging.getLogger(__name__)
 
@@ -146,54 +145,24 @@ class Dispatcher:
         sent_so_far: int,
     ) -> int:
         """Dispatch what the window, the pace and this pass allow for one rollout."""
+        if counts.get("pending", 0) == 0:
+            return 0
         in_flight = sum(counts.get(state, 0) for state in IN_FLIGHT)
-        elapsed = (now - row.bucket_at).total_seconds() if row.bucket_at else 0.0
-        burst = burst_of(row.max_per_minute)
-        tokens = refill(
-            row.bucket_tokens, elapsed_s=elapsed, max_per_minute=row.max_per_minute, burst=burst
-        )
-        room = min(row.batch_size - in_flight, self._max_per_pass - sent_so_far)
-        if math.isfinite(tokens):
-            room = min(room, math.floor(tokens))
-        picked: Sequence[Any] = ()
-        if room > 0 and counts.get("pending", 0) > 0:
-            picked = (
-                await conn.execute(
-                    select(rd)
-                    .where(
-                        rd.c.rollout_id == row.id,
-                        rd.c.state == "pending",
-                        (rd.c.next_attempt_at.is_(None)) | (rd.c.next_attempt_at <= now),
-                    )
-                    .order_by(rd.c.seq)
-                    .limit(room)
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
-        tracked, requests = [], []
-        for device in picked:
-            deadline = self._policy.deadline(transport=device.transport, gps=device.gps)
-            change = dispatch(progress_of(device), now=now, deadline=deadline)
-            tracked.append(Tracked(row.id, device.device_id, info, change.after, [change]))
-            requests.append(
-                ota_request(
-                    info,
-                    device.device_id,
-                    attempt=change.after.attempt,
-                    action=self._action,
-                    ttl_s=max(1, int(deadline.total_seconds())),
-                    requested_by=f"firmware:{row.id}",
-                )
+        pace = Pace(anchor_at=row.pace_anchor_at or now, sent=row.pace_sent)
+        allowed, pace = pace_room(pace, max_per_minute=row.max_per_minute, now=now)
+        room = min(row.batch_size - in_flight, self._max_per_pass - sent_so_far, allowed)
+        sent = 0
+        if room > 0:
+            sent = await send_pending(
+                conn, info, room=int(room), now=now, policy=self._policy, action=self._action
             )
-        await store.insert_outbox(conn, requests)
-        await write_changes(conn, tracked, now=now)
-        if math.isfinite(tokens):
+        if row.max_per_minute is not None:
             await conn.execute(
                 update(ro)
                 .where(ro.c.id == row.id)
-                .values(bucket_tokens=tokens - len(picked), bucket_at=now)
+                .values(pace_anchor_at=pace.anchor_at, pace_sent=pace.sent + sent)
             )
-        return len(picked)
+        return sent
 
     async def _settle(
         self,
@@ -219,6 +188,8 @@ class Dispatcher:
                 confirmed=tally.get("confirmed", 0),
                 threshold_pct=row.failure_threshold_pct,
                 acknowledged_failed=row.acknowledged_failed,
+                min_finished=row.failure_min_finished,
+                targeted=sum(n for state, n in tally.items() if state != "cancelled"),
             ):
                 await _set_status(conn, row.id, "paused", "threshold", now)
                 info = _with_status(info, "paused")

@@ -5,6 +5,7 @@ Every transition is a function from the current `Progress` (and what happened) t
 `device_state_changed` event when the state moved; nothing here knows about SQL or Kafka.
 """
 
+import math
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
@@ -316,26 +317,54 @@ def next_status(
 
 
 def crosses_threshold(
-    *, failed: int, confirmed: int, threshold_pct: float, acknowledged_failed: int
+    *,
+    failed: int,
+    confirmed: int,
+    threshold_pct: float,
+    acknowledged_failed: int,
+    min_finished: int = 1,
+    targeted: int | None = None,
 ) -> bool:
     """Pause by itself? Failed share of finished devices above the threshold, with failures
-    newer than the last resume (a resume acknowledges the failures seen so far)."""
+    newer than the last resume (a resume acknowledges the failures seen so far), judged only
+    once `min_finished` devices have finished (all of them when the rollout has fewer), so one
+    early failure is not a 100% failure rate."""
     finished = failed + confirmed
-    if finished == 0 or failed <= acknowledged_failed:
+    sample = max(1, min_finished if targeted is None else min(min_finished, targeted))
+    if finished < sample or failed <= acknowledged_failed:
         return False
     return failed * 100.0 / finished > threshold_pct
 
 
-def refill(tokens: float, *, elapsed_s: float, max_per_minute: int | None, burst: float) -> float:
-    """Token bucket: tokens after `elapsed_s` at `max_per_minute` (None: unthrottled)."""
+@dataclass(frozen=True)
+class Pace:
+    """A rollout's `max_per_minute` pace: devices sent since `anchor_at` (its start, its last
+    resume, or the end of a stall). Anchored, not refilled pass by pass, so the count sent by
+    any moment is exact over the whole run whatever the passes' timing."""
+
+    anchor_at: datetime
+    sent: float = 0.0
+
+
+def pace_room(pace: Pace, *, max_per_minute: int | None, now: datetime) -> tuple[float, Pace]:
+    """How many devices may go out now (inf: unthrottled), and the pace to count them from.
+
+    One device at the anchor, then `max_per_minute / 60` a second. After a stall longer than
+    the burst (dispatcher down, database slow) the pace re-anchors with the burst as credit,
+    so a restart never floods the fleet to catch up."""
     if max_per_minute is None:
-        return float("inf")
-    return min(burst, tokens + max(0.0, elapsed_s) * max_per_minute / 60.0)
+        return float("inf"), pace
+    elapsed = max(0.0, (now - pace.anchor_at).total_seconds())
+    credit = 1.0 + elapsed * max_per_minute / 60.0 - pace.sent
+    burst = burst_of(max_per_minute)
+    if credit > burst:
+        return float(math.floor(burst)), Pace(anchor_at=now, sent=1.0 - burst)
+    return float(max(0, math.floor(credit))), pace
 
 
 def burst_of(max_per_minute: int | None) -> float:
-    """Bucket size: five seconds' worth (at least one): a dispatcher pass slower than a second
-    catches up instead of losing the pace, and no burst is larger than that."""
+    """Most devices one pass may send at once: five seconds' worth (at least one), so a pass
+    slower than a second keeps the pace and a stall never turns into a flood."""
     if max_per_minute is None:
         return float("inf")
     return max(1.0, max_per_minute / 12.0)

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from common.contracts import commands, firmware
-from common.events import new_event
+from common.events import Envelope, new_event
 from firmware.domain import Change
 from firmware.store import outbox_row
 
@@ -45,6 +45,13 @@ def rollout_event(
     info: RolloutInfo, kind: firmware.RolloutEventKind, *, at: datetime, **fields: Any
 ) -> dict[str, Any]:
     """An outbox row for a rollout-level or device-level event, keyed by rollout id."""
+    return outbox_row(firmware.ROLLOUT.name, rollout_envelope(info, kind, at=at, **fields))
+
+
+def rollout_envelope(
+    info: RolloutInfo, kind: firmware.RolloutEventKind, *, at: datetime, **fields: Any
+) -> Envelope[firmware.RolloutEvent]:
+    """The `firmware.rollout.v1` envelope itself (the dispatcher patches it per device in SQL)."""
     values: dict[str, Any] = {
         "rollout_id": info.rollout_id,
         "purpose": info.purpose,
@@ -57,10 +64,9 @@ def rollout_event(
         **fields,
     }
     data = firmware.RolloutEvent(kind=kind, at=at, **values)
-    event = new_event(
+    return new_event(
         type=f"{firmware.ROLLOUT.event_type}.{kind}", data=data, source=SOURCE, key=info.rollout_id
     )
-    return outbox_row(firmware.ROLLOUT.name, event)
 
 
 def device_event(
@@ -80,7 +86,7 @@ def device_event(
     )
 
 
-def ota_request(
+def ota_envelope(
     info: RolloutInfo,
     device_id: str,
     *,
@@ -88,8 +94,8 @@ def ota_request(
     action: str,
     ttl_s: int,
     requested_by: str,
-) -> dict[str, Any]:
-    """The command request for one attempt; its request id makes a re-send harmless."""
+) -> Envelope[commands.CommandRequest]:
+    """The command request of one attempt; its request id makes a re-send harmless."""
     data = commands.CommandRequest(
         request_id=f"{info.rollout_id}:{device_id}:{attempt}",
         device_id=device_id,
@@ -103,8 +109,7 @@ def ota_request(
             "attempt": str(attempt),
         },
     )
-    event = new_event(type=commands.REQUEST.event_type, data=data, source=SOURCE, key=device_id)
-    return outbox_row(commands.REQUEST.name, event)
+    return new_event(type=commands.REQUEST.event_type, data=data, source=SOURCE, key=device_id)
 
 
 def release_event(release: Mapping[str, Any] | Any) -> dict[str, Any]:

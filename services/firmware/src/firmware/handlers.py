@@ -150,7 +150,7 @@ async def create_validation(
             "created_by": principal.user_id,
             "created_at": now,
             "updated_at": now,
-            "bucket_at": now,
+            "pace_anchor_at": now,
         }
         await conn.execute(ro.insert().values(**row))
         await _insert_devices(conn, rollout_id, [device])
@@ -240,6 +240,7 @@ async def create_rollout(
             "batch_size": body.strategy.batch_size,
             "max_per_minute": body.strategy.max_per_minute,
             "failure_threshold_pct": body.strategy.failure_threshold_pct,
+            "failure_min_finished": body.strategy.failure_min_finished,
             "status": status,
             "status_reason": None if todo else "every targeted device already runs the version",
             "override_reason": override_reason,
@@ -248,7 +249,7 @@ async def create_rollout(
             "created_at": now,
             "updated_at": now,
             "finished_at": None if todo else now,
-            "bucket_at": now,
+            "pace_anchor_at": now,
         }
         await conn.execute(ro.insert().values(**row))
         await _insert_devices(conn, rollout_id, todo)
@@ -389,8 +390,9 @@ async def act_on_rollout(
             )
             values |= {
                 "acknowledged_failed": int(failed or 0),
-                "bucket_at": now,
-                "bucket_tokens": 1.0,
+                # The pace starts over: a pause earns no burst of dispatches on resume.
+                "pace_anchor_at": now,
+                "pace_sent": 0.0,
             }
         if action == "clear":
             values["finished_at"] = now

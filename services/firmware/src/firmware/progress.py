@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.contracts.commands import CommandStatus
@@ -93,20 +92,33 @@ async def write_changes(conn: AsyncConnection, tracked: Sequence[Tracked], *, no
     return len(events)
 
 
+# One statement whatever the batch size (arrays, not a VALUES list compiled per batch).
+_FIRST_DELIVERIES = text(
+    "INSERT INTO processed_events (consumer, event_id) "
+    "SELECT CAST(:consumer AS varchar), unnest(CAST(:ids AS uuid[])) "
+    "ON CONFLICT DO NOTHING RETURNING event_id"
+)
+_PROJECT_PRESENCE = text(
+    "INSERT INTO device_presence (device_id, online, fw, presence_at) "
+    "SELECT * FROM unnest(CAST(:ids AS varchar[]), CAST(:online AS boolean[]), "
+    "CAST(:fw AS varchar[]), CAST(:at AS timestamptz[])) "
+    # Only forward in time; an offline Last Will carries no firmware: keep the last known one.
+    "ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, "
+    "fw = coalesce(excluded.fw, device_presence.fw), presence_at = excluded.presence_at "
+    "WHERE device_presence.presence_at <= excluded.presence_at"
+)
+
+
 async def _first_deliveries(
     conn: AsyncConnection, consumer: str, events: Sequence[Envelope[Any]]
 ) -> list[Envelope[Any]]:
     """The events of the batch this consumer has not applied before."""
     if not events:
         return []
-    rows = [{"consumer": consumer, "event_id": e.event_id} for e in events]
     new = set(
         (
             await conn.execute(
-                insert(store.processed_events)
-                .values(rows)
-                .on_conflict_do_nothing()
-                .returning(store.processed_events.c.event_id)
+                _FIRST_DELIVERIES, {"consumer": consumer, "ids": [e.event_id for e in events]}
             )
         ).scalars()
     )
@@ -275,25 +287,13 @@ async def _project_presence(
         p = event.data
         if p.device_id not in latest or latest[p.device_id].received_at <= p.received_at:
             latest[p.device_id] = p
-    table = store.device_presence
-    statement = insert(table)
-    # Only forward in time; an offline Last Will carries no firmware: keep the last known one.
-    upsert = statement.on_conflict_do_update(
-        index_elements=[table.c.device_id],
-        set_={
-            "online": statement.excluded.online,
-            "fw": func.coalesce(statement.excluded.fw, table.c.fw),
-            "presence_at": statement.excluded.presence_at,
-        },
-        where=table.c.presence_at <= statement.excluded.presence_at,
-    )
-    rows = [
+    ordered = sorted(latest.values(), key=lambda p: p.device_id)
+    await conn.execute(
+        _PROJECT_PRESENCE,
         {
-            "device_id": p.device_id,
-            "online": p.state == "online",
-            "fw": p.fw,
-            "presence_at": p.received_at,
-        }
-        for p in sorted(latest.values(), key=lambda p: p.device_id)
-    ]
-    await conn.execute(upsert, rows)
+            "ids": [p.device_id for p in ordered],
+            "online": [p.state == "online" for p in ordered],
+            "fw": [p.fw for p in ordered],
+            "at": [p.received_at for p in ordered],
+        },
+    )

@@ -70,6 +70,15 @@ class Strategy(BaseModel):
         le=100,
         description="Pause by itself when failed devices exceed this share of finished ones.",
     )
+    failure_min_finished: int = Field(
+        default=10,
+        ge=1,
+        le=100_000,
+        description=(
+            "Judge the failure threshold only once this many devices have finished "
+            "(all of them when the rollout has fewer): one early failure is not a trend."
+        ),
+    )
 
 
 class NewRollout(BaseModel):

@@ -40,3 +40,5 @@ class FirmwareSettings(DatabaseSettings):
     # Consumers of device traffic: records per batch, and how long a poll waits to fill one.
     consumer_batch_max: int = Field(default=1000, ge=1, le=20000)
     consumer_batch_timeout_ms: int = Field(default=100, ge=1, le=10000)
+    # How often the rollout gauges on /metrics are read from the database.
+    metrics_interval_s: float = Field(default=10.0, gt=0, le=3600)

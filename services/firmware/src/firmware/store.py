@@ -97,13 +97,15 @@ rollouts = Table(
     Column("batch_size", Integer, nullable=False),
     Column("max_per_minute", Integer, nullable=True),
     Column("failure_threshold_pct", Float, nullable=False),
+    Column("failure_min_finished", Integer, nullable=False, server_default=text("10")),
     Column("status", String(16), nullable=False),
     Column("status_reason", Text, nullable=True),
     Column("override_reason", Text, nullable=True),
     Column("skipped", Integer, nullable=False, server_default=text("0")),
-    # Token bucket of max_per_minute, kept here so replicas and restarts share one pace.
-    Column("bucket_tokens", Float, nullable=False, server_default=text("1")),
-    Column("bucket_at", DateTime(timezone=True), nullable=True),
+    # The pace of max_per_minute, kept here so replicas and restarts share one pace: devices
+    # sent since `pace_anchor_at` (the start, the last resume, or the end of a long stall).
+    Column("pace_anchor_at", DateTime(timezone=True), nullable=True),
+    Column("pace_sent", Float, nullable=False, server_default=text("0")),
     # Failures already seen when the rollout was last resumed (they do not pause it again).
     Column("acknowledged_failed", Integer, nullable=False, server_default=text("0")),
     Column("created_by", String(64), nullable=False),

@@ -119,6 +119,7 @@ def rollout_view(row: Any, release: Any, counts: dict[str, int]) -> dict[str, An
             "batch_size": row.batch_size,
             "max_per_minute": row.max_per_minute,
             "failure_threshold_pct": row.failure_threshold_pct,
+            "failure_min_finished": row.failure_min_finished,
         },
         "status": row.status,
         "status_reason": row.status_reason,
