@@ -3,7 +3,6 @@
 import base64
 import binascii
 import json
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -128,9 +127,6 @@ async def send_command(
         ) from exc
     if accepted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    else:
-        kick: Callable[[], None] = request.app.state.kick_relay
-        kick()
     row = accepted.row
     # The answer to a replay is the answer the first request got.
     return CommandAccepted(

@@ -10,55 +10,18 @@ from datetime import timedelta
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import SpanProcessor
 
-from commands import consumers, store
+from commands import consumers, store, transitions
 from commands.api import router
 from commands.handlers import CommandService
+from commands.progress import Progress
 from commands.settings import CommandsSettings
 from common.auth import InternalTokenVerifier
 from common.health import health_router
 from common.http import install_http_conventions
 from common.infra import Infra
-from common.outbox import OutboxRelay
 from common.telemetry import instrument_app
 
 logger = logging.getLogger(__name__)
-
-
-class RelayKicker:
-    """Runs the outbox relay right after an accept committed, instead of at its next poll."""
-
-    def __init__(self, relay: OutboxRelay) -> None:
-        self._relay = relay
-        self._wake = asyncio.Event()
-
-    def kick(self) -> None:
-        """Something was committed to the outbox: publish it soon."""
-        self._wake.set()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Until `stop`: on each kick, publish what is pending."""
-        while not stop.is_set():
-            await _first(self._wake.wait(), stop.wait())
-            self._wake.clear()
-            # The relay's advisory lock may be held by its own poll loop (relay_once then
-            # returns 0 without looking): try again shortly, a few times.
-            for _ in range(3):
-                try:
-                    if await self._relay.relay_once():
-                        break
-                except Exception:
-                    logger.exception("outbox kick failed; the relay's poll will publish")
-                    break
-                await asyncio.sleep(0.002)
-
-
-async def _first(*waits: Awaitable[object]) -> None:
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 async def _every(
@@ -87,8 +50,14 @@ def create_app(
         sessions=infra.sessions,
         run_state_window=timedelta(seconds=settings.run_state_window_s),
     )
-    stats = consumers.register(infra.broker, service, settings)
-    kicker = RelayKicker(infra.relay) if infra.relay is not None and settings.relay_kick else None
+    progress = Progress(sessions=infra.sessions)
+    stats = consumers.register(infra.broker, service, progress, settings)
+    sessions = infra.sessions
+
+    async def count_active() -> None:
+        async with sessions() as session:
+            for status, count in (await store.count_active(session)).items():
+                transitions.ACTIVE.labels(status).set(count)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -97,10 +66,11 @@ def create_app(
             tasks = [
                 asyncio.create_task(
                     _every(settings.sweep_interval_s, stop, service.sweep), name="sweep"
-                )
+                ),
+                asyncio.create_task(
+                    _every(settings.metrics_interval_s, stop, count_active), name="metrics"
+                ),
             ]
-            if kicker is not None:
-                tasks.append(asyncio.create_task(kicker.run(stop), name="relay-kick"))
             try:
                 yield
             finally:
@@ -113,7 +83,6 @@ def create_app(
     app.state.infra = infra
     app.state.service = service
     app.state.consumer_stats = stats
-    app.state.kick_relay = kicker.kick if kicker is not None else (lambda: None)
     app.state.verifier = verifier or InternalTokenVerifier(jwks_url=settings.jwks_url)
     install_http_conventions(app)
     app.include_router(health_router(infra.health_checks()))

@@ -1,4 +1,5 @@
-"""The commands service's use cases: one function each, one transaction each.
+"""The commands service's use cases: one function each, one transaction each (what devices and
+the gateway report is applied in batches by `commands.progress`).
 
 Every state change writes its events through the outbox in the same transaction
 (`command.dispatch.v1` to the gateway, `command.status.v1` for every transition), so nothing a
@@ -18,14 +19,11 @@ from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from commands import domain, store
+from commands import domain, store, transitions
 from commands.access import access_device
 from common.auth import Principal
 from common.contracts import commands as contract
-from common.contracts.commands import CommandDispatch, CommandRequest, CommandStatus
-from common.contracts.device import DevicePresence, DeviceReport, DeviceTelemetry
-from common.contracts.firmware import FirmwareRelease
-from common.contracts.fleet import FleetDevice
+from common.contracts.commands import CommandDispatch, CommandRequest
 from common.db import transaction
 from common.events import Envelope, new_event
 from common.kafka import PermanentError
@@ -226,127 +224,6 @@ class CommandService:
             assert row is not None  # noqa: S101
             await self._record(session, store.to_domain(row), "commands", now)
 
-    # ------------------------------------------------------------ events from the gateway
-
-    async def apply_report(self, event: Envelope[DeviceReport]) -> None:
-        """A device's ack or OTA progress."""
-        report = event.data
-        async with transaction(self.sessions) as session:
-            row = await store.get_command(session, report.command_id, lock=True)
-            if row is None or row.device_id != report.device_id:
-                logger.info(
-                    "report for an unknown command ignored",
-                    extra={"command_id": report.command_id, "device_id": report.device_id},
-                )
-                return
-            cmd = store.to_domain(row)
-            at = report.received_at
-            if report.kind == "ack" and report.status is not None:
-                state = await store.get_state(session, report.device_id)
-                change = domain.on_ack(
-                    cmd,
-                    report.status,
-                    report.detail,
-                    at,
-                    run_state=state.run_state if state else None,
-                    run_state_at=state.run_state_at if state else None,
-                    fw=state.fw if state and state.online else None,
-                    fw_at=state.presence_at if state else None,
-                )
-            elif report.kind == "ota" and report.phase is not None:
-                change = domain.on_ota_phase(
-                    cmd, report.phase, report.progress_pct, report.detail, at
-                )
-            else:
-                return
-            await self._apply(session, change, "device")
-
-    async def apply_gateway_status(self, event: Envelope[CommandStatus]) -> None:
-        """The gateway's `sent` or `expired` (our own status events are skipped)."""
-        status = event.data
-        if status.reporter != "gateway":
-            return
-        async with transaction(self.sessions) as session:
-            row = await store.get_command(session, status.command_id, lock=True)
-            if row is None:
-                return
-            change = domain.on_gateway_status(store.to_domain(row), status.status, status.detail)
-            await self._apply(session, change, "gateway")
-
-    async def apply_telemetry(self, event: Envelope[DeviceTelemetry]) -> None:
-        """Remember the run state; a finished Start/Stop it confirms succeeds."""
-        data = event.data
-        if data.run_state is None:
-            return
-        async with transaction(self.sessions) as session:
-            await store.record_run_state(
-                session, data.device_id, run_state=data.run_state, at=data.received_at
-            )
-            waiting = await store.active_for_device(
-                session, data.device_id, actions=tuple(domain.RUN_STATE_OF), lock=True
-            )
-            for row in waiting:
-                change = domain.on_run_state(store.to_domain(row), data.run_state, data.received_at)
-                await self._apply(session, change, "device")
-
-    async def apply_presence(self, event: Envelope[DevicePresence]) -> None:
-        """Online/offline with the firmware it runs: the end of an OTA or a reboot.
-
-        Nothing is re-sent on reconnect: the gateway delivers each command id once at QoS 1 to
-        the device's persistent MQTT session, and the broker hands it over when the device
-        returns (see the README, "Offline devices").
-        """
-        data = event.data
-        online = data.state == "online"
-        async with transaction(self.sessions) as session:
-            await store.record_presence(
-                session, data.device_id, online=online, fw=data.fw, at=data.received_at
-            )
-            if not online:
-                return
-            ota = await store.active_for_device(
-                session, data.device_id, actions=(*domain.OTA_ACTIONS, "reboot"), lock=True
-            )
-            for row in ota:
-                change = domain.on_presence(store.to_domain(row), online, data.fw, data.received_at)
-                await self._apply(session, change, "device")
-
-    async def apply_fleet_device(self, event: Envelope[FleetDevice]) -> None:
-        """Keep the ownership snapshot for scope checks and release matching."""
-        d = event.data
-        async with transaction(self.sessions) as session:
-            await store.upsert_device(
-                session,
-                {
-                    "device_id": d.device_id,
-                    "dealer_id": d.dealer_id,
-                    "customer_email": d.customer_email,
-                    "model": d.model,
-                    "engine": d.engine,
-                    "transport": d.transport,
-                    "deleted": d.deleted,
-                },
-            )
-
-    async def apply_release(self, event: Envelope[FirmwareRelease]) -> None:
-        """Keep the release's artifact and target variant for OTA requests."""
-        r = event.data
-        async with transaction(self.sessions) as session:
-            await store.upsert_release(
-                session,
-                {
-                    "release_id": r.release_id,
-                    "version": r.version,
-                    "models": list(r.models),
-                    "engine": r.engine,
-                    "transport": r.transport,
-                    "artifact_url": r.artifact_url,
-                    "sha256": r.sha256,
-                    "size": r.size,
-                    "withdrawn": r.withdrawn,
-                },
-            )
-
     # ------------------------------------------------------------ time
 
     async def sweep(self) -> int:
@@ -367,33 +244,12 @@ class CommandService:
     # ------------------------------------------------------------ helpers
 
     async def _apply(self, session: AsyncSession, change: domain.Change | None, by: str) -> None:
-        if change is None:
-            return
-        now = self.clock()
-        await store.save(session, change.command, now)
-        if change.moved:
-            await self._record(session, change.command, by, now)
+        await transitions.apply(session, change, by, self.clock())
 
     async def _record(
         self, session: AsyncSession, cmd: domain.Command, by: str, at: datetime
     ) -> None:
-        await store.add_transition(
-            session, cmd.id, status=cmd.status, detail=cmd.detail, reporter=by, at=at
-        )
-        status = CommandStatus(
-            command_id=cmd.id,
-            device_id=cmd.device_id,
-            action=cmd.action,
-            status=cmd.status,
-            detail=cmd.detail,
-            at=at,
-            reporter="commands",
-            correlation=cmd.correlation,
-        )
-        event = new_event(
-            type=contract.STATUS.event_type, data=status, source=SOURCE, key=cmd.device_id
-        )
-        await add_event(session, store.outbox, contract.STATUS, event)
+        await transitions.record(session, cmd, by, at)
 
     async def _dispatch(self, session: AsyncSession, row: Row[Any]) -> None:
         dispatch = CommandDispatch(

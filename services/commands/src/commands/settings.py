@@ -24,6 +24,14 @@ class CommandsSettings(DatabaseSettings):
     # How long after the device says Start/Stop is done its telemetry has to show the new
     # run state before the command counts as failed.
     run_state_window_s: float = Field(default=60.0, gt=0, le=3600)
-    # Publish an accepted command's outbox row right after the commit instead of at the
-    # relay's next poll (saves up to one poll interval of latency per command).
-    relay_kick: bool = True
+    # How often the `autogen_commands_active` gauge is refreshed (one indexed count query).
+    metrics_interval_s: float = Field(default=5.0, gt=0, le=300)
+    # Batch consumers: at most this many records per transaction, and how long a poll waits
+    # for records on the topics a command's latency depends on (reports, the gateway's
+    # status, telemetry, presence; an idle consumer wakes this often) and on the projections.
+    batch_max_records: int = Field(default=500, ge=1, le=10_000)
+    batch_wait_ms: int = Field(default=20, ge=1, le=5000)
+    projection_batch_wait_ms: int = Field(default=200, ge=1, le=5000)
+    # The relay publishes a batch it holds at once (it appends all of it before the producer
+    # sends), so lingering only adds latency to every command.
+    kafka_linger_ms: int = Field(default=0, ge=0, le=1000)

@@ -1,6 +1,6 @@
 """The commands service's tables (its own database; no other service reads them) and queries."""
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
     literal,
     or_,
     select,
@@ -32,7 +33,8 @@ from common.idempotency import processed_events_table
 from common.outbox import outbox_table
 
 metadata = MetaData()
-outbox = outbox_table(metadata)
+# Accepted commands wake the relay at once (the dispatch is on the command's latency path).
+outbox = outbox_table(metadata, wake_relay=True)
 processed_events = processed_events_table(metadata)
 
 commands = Table(
@@ -67,6 +69,11 @@ commands = Table(
     Index(
         "ix_commands_active_expiry",
         "expires_at",
+        postgresql_where=text("status IN ('queued', 'sent', 'acked')"),
+    ),
+    Index(
+        "ix_commands_active_device",
+        "device_id",
         postgresql_where=text("status IN ('queued', 'sent', 'acked')"),
     ),
     Index(
@@ -159,24 +166,29 @@ async def get_device(conn: Conn, device_id: str, *, lock: bool = False) -> domai
     )
 
 
-async def upsert_device(conn: Conn, values: dict[str, Any]) -> None:
-    """Store the latest snapshot of a device."""
-    stmt = insert(devices).values(**values)
-    await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[devices.c.device_id],
-            set_={k: stmt.excluded[k] for k in values if k != "device_id"},
-        )
-    )
+async def upsert_devices(conn: Conn, snapshots: Sequence[dict[str, Any]]) -> None:
+    """Store the latest snapshot of each device (the last of a device's in `snapshots` wins)."""
+    await _upsert_latest(conn, devices, "device_id", snapshots)
 
 
-async def upsert_release(conn: Conn, values: dict[str, Any]) -> None:
-    """Store the latest description of a release."""
-    stmt = insert(releases).values(**values)
+async def upsert_releases(conn: Conn, descriptions: Sequence[dict[str, Any]]) -> None:
+    """Store the latest description of each release (the last in `descriptions` wins)."""
+    await _upsert_latest(conn, releases, "release_id", descriptions)
+
+
+async def _upsert_latest(
+    conn: Conn, table: Table, key: str, rows: Sequence[dict[str, Any]]
+) -> None:
+    # One statement may not touch a row twice: keep each key's last version, in key order.
+    latest = {row[key]: row for row in rows}
+    if not latest:
+        return
+    stmt = insert(table).values([latest[k] for k in sorted(latest)])
+    columns = next(iter(latest.values())).keys()
     await conn.execute(
         stmt.on_conflict_do_update(
-            index_elements=[releases.c.release_id],
-            set_={k: stmt.excluded[k] for k in values if k != "release_id"},
+            index_elements=[table.c[key]],
+            set_={c: stmt.excluded[c] for c in columns if c != key},
         )
     )
 
@@ -199,37 +211,62 @@ async def get_release(conn: Conn, release_id: str) -> domain.Release | None:
     )
 
 
-async def get_state(conn: Conn, device_id: str) -> Row[Any] | None:
-    """The device's last presence and run state."""
-    return (
-        await conn.execute(select(device_state).where(device_state.c.device_id == device_id))
-    ).first()
-
-
-async def record_presence(
-    conn: Conn, device_id: str, *, online: bool, fw: str | None, at: datetime
+async def record_presences(
+    conn: Conn, latest: Mapping[str, tuple[bool, str | None, datetime]]
 ) -> None:
-    """Store a presence report unless a newer one is known."""
-    stmt = insert(device_state).values(device_id=device_id, online=online, fw=fw, presence_at=at)
-    newer = or_(device_state.c.presence_at.is_(None), device_state.c.presence_at <= at)
-    fw_value = stmt.excluded.fw if fw is not None else device_state.c.fw
+    """Store each device's latest presence `(online, fw, at)` unless a newer one is known."""
+    if not latest:
+        return
+    stmt = insert(device_state).values(
+        [
+            {"device_id": d, "online": online, "fw": fw, "presence_at": at}
+            for d, (online, fw, at) in sorted(latest.items())
+        ]
+    )
+    newer = or_(
+        device_state.c.presence_at.is_(None),
+        device_state.c.presence_at <= stmt.excluded.presence_at,
+    )
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[device_state.c.device_id],
-            set_={"online": stmt.excluded.online, "fw": fw_value, "presence_at": at},
+            set_={
+                "online": stmt.excluded.online,
+                # An `offline` says nothing about the firmware: keep the one known.
+                "fw": func.coalesce(stmt.excluded.fw, device_state.c.fw),
+                "presence_at": stmt.excluded.presence_at,
+            },
             where=newer,
         )
     )
 
 
-async def record_run_state(conn: Conn, device_id: str, *, run_state: str, at: datetime) -> None:
-    """Store a telemetry run state unless a newer one is known."""
-    stmt = insert(device_state).values(device_id=device_id, run_state=run_state, run_state_at=at)
-    newer = or_(device_state.c.run_state_at.is_(None), device_state.c.run_state_at <= at)
+async def states_of(conn: Conn, device_ids: Collection[str]) -> dict[str, Row[Any]]:
+    """The last presence and run state of each of `device_ids` that has one."""
+    if not device_ids:
+        return {}
+    query = select(device_state).where(device_state.c.device_id.in_(list(device_ids)))
+    return {row.device_id: row for row in (await conn.execute(query)).all()}
+
+
+async def record_run_states(conn: Conn, latest: Mapping[str, tuple[str, datetime]]) -> None:
+    """Store each device's latest telemetry run state `(run_state, at)` unless a newer is known."""
+    if not latest:
+        return
+    stmt = insert(device_state).values(
+        [
+            {"device_id": d, "run_state": state, "run_state_at": at}
+            for d, (state, at) in sorted(latest.items())
+        ]
+    )
+    newer = or_(
+        device_state.c.run_state_at.is_(None),
+        device_state.c.run_state_at <= stmt.excluded.run_state_at,
+    )
     await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[device_state.c.device_id],
-            set_={"run_state": run_state, "run_state_at": at},
+            set_={"run_state": stmt.excluded.run_state, "run_state_at": stmt.excluded.run_state_at},
             where=newer,
         )
     )
@@ -289,6 +326,47 @@ async def active_for_device(
     if lock:
         query = query.with_for_update()
     return list((await conn.execute(query.order_by(commands.c.created_at, commands.c.id))).all())
+
+
+async def commands_by_id(conn: Conn, ids: Collection[str]) -> dict[str, Row[Any]]:
+    """The commands of `ids` that exist, locked in id order (every batch locks in that order,
+    so concurrent batches cannot deadlock)."""
+    if not ids:
+        return {}
+    query = select(commands).where(commands.c.id.in_(sorted(ids))).order_by(commands.c.id)
+    rows = (await conn.execute(query.with_for_update())).all()
+    return {row.id: row for row in rows}
+
+
+async def active_for_devices(
+    conn: Conn, device_ids: Collection[str], *, actions: Sequence[str]
+) -> list[Row[Any]]:
+    """The active commands of `actions` on any of `device_ids`, locked in id order."""
+    if not device_ids:
+        return []
+    query = (
+        select(commands)
+        .where(
+            commands.c.device_id.in_(sorted(device_ids)),
+            commands.c.status.in_(domain.ACTIVE),
+            commands.c.action.in_(actions),
+        )
+        .order_by(commands.c.id)
+        .with_for_update()
+    )
+    return list((await conn.execute(query)).all())
+
+
+async def count_active(conn: Conn) -> dict[str, int]:
+    """How many commands are in each active status (the partial indexes keep this cheap)."""
+    query = (
+        select(commands.c.status, func.count())
+        .where(commands.c.status.in_(domain.ACTIVE))
+        .group_by(commands.c.status)
+    )
+    counts = dict.fromkeys(domain.ACTIVE, 0)
+    counts.update({status: int(n) for status, n in (await conn.execute(query)).all()})
+    return counts
 
 
 async def insert_command(conn: Conn, values: dict[str, Any]) -> None:

@@ -1,0 +1,211 @@
+"""What devices, the gateway and the other services report, applied a whole poll at a time.
+
+Each batch is one transaction: the commands the batch can move are read (and locked, in id order,
+so concurrent batches never deadlock) in one query, every record is applied in order to those
+in memory, and only what changed is written. Telemetry and presence, which every device sends
+all the time, are first narrowed to the devices with a command waiting for them; the run state
+and presence of other devices are not kept (a command only counts what was reported after it
+was made, see `domain.on_ack`). The offsets are committed after the transaction
+(`common.kafka_batch`); a repeated batch changes nothing, because states only move forward.
+"""
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from commands import domain, store, transitions
+from common.contracts.commands import CommandStatus
+from common.contracts.device import DevicePresence, DeviceReport, DeviceTelemetry
+from common.contracts.firmware import FirmwareRelease
+from common.contracts.fleet import FleetDevice
+from common.db import transaction
+from common.events import Envelope
+
+logger = logging.getLogger(__name__)
+
+RUN_STATE_ACTIONS = tuple(domain.RUN_STATE_OF)
+PRESENCE_ACTIONS = (*sorted(domain.OTA_ACTIONS), "reboot")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Progress:
+    """The batch use cases, bound to the database and the clock."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    clock: Callable[[], datetime] = _now
+
+    async def apply_reports(self, events: Sequence[Envelope[DeviceReport]]) -> None:
+        """Devices' acks and OTA progress."""
+        reports = [e.data for e in events]
+        async with transaction(self.sessions) as session:
+            found = await store.commands_by_id(session, {r.command_id for r in reports})
+            cmds = {i: store.to_domain(row) for i, row in found.items()}
+            # Read after the locks: a telemetry batch holding them has committed its run state.
+            acking = {r.device_id for r in reports if r.kind == "ack" and r.command_id in cmds}
+            states = await store.states_of(session, acking)
+            now = self.clock()
+            for report in reports:
+                cmd = cmds.get(report.command_id)
+                if cmd is None or cmd.device_id != report.device_id:
+                    logger.debug(
+                        "report for an unknown command ignored",
+                        extra={"command_id": report.command_id, "device_id": report.device_id},
+                    )
+                    continue
+                change = _on_report(cmd, report, states.get(report.device_id))
+                moved = await transitions.apply(session, change, "device", now)
+                cmds[cmd.id] = moved or cmd
+
+    async def apply_gateway_statuses(self, events: Sequence[Envelope[CommandStatus]]) -> None:
+        """The gateway's `sent` and `expired` (this service's own status events are skipped)."""
+        statuses = [e.data for e in events if e.data.reporter == "gateway"]
+        if not statuses:
+            return
+        async with transaction(self.sessions) as session:
+            found = await store.commands_by_id(session, {s.command_id for s in statuses})
+            cmds = {i: store.to_domain(row) for i, row in found.items()}
+            now = self.clock()
+            for status in statuses:
+                cmd = cmds.get(status.command_id)
+                if cmd is None:
+                    continue
+                change = domain.on_gateway_status(cmd, status.status, status.detail)
+                moved = await transitions.apply(session, change, "gateway", now)
+                cmds[cmd.id] = moved or cmd
+
+    async def apply_telemetry(self, events: Sequence[Envelope[DeviceTelemetry]]) -> None:
+        """Run states of devices with a Start/Stop on its way; a finished one they confirm
+        succeeds."""
+        seen = [e.data for e in events if e.data.run_state is not None]
+        if not seen:
+            return
+        async with transaction(self.sessions) as session:
+            rows = await store.active_for_devices(
+                session, {t.device_id for t in seen}, actions=RUN_STATE_ACTIONS
+            )
+            if not rows:
+                return
+            waiting = _by_device(rows)
+            latest: dict[str, tuple[str, datetime]] = {}
+            now = self.clock()
+            for t in seen:
+                cmds = waiting.get(t.device_id)
+                if cmds is None or t.run_state is None:
+                    continue
+                known = latest.get(t.device_id)
+                if known is None or known[1] <= t.received_at:
+                    latest[t.device_id] = (t.run_state, t.received_at)
+                for i, cmd in enumerate(cmds):
+                    change = domain.on_run_state(cmd, t.run_state, t.received_at)
+                    cmds[i] = await transitions.apply(session, change, "device", now) or cmd
+            await store.record_run_states(session, latest)
+
+    async def apply_presence(self, events: Sequence[Envelope[DevicePresence]]) -> None:
+        """Online/offline with firmware, for devices with an OTA or a reboot on its way: the
+        end of it.
+
+        Nothing is re-sent on reconnect: the gateway delivers each command id once at QoS 1 to
+        the device's persistent MQTT session, and the broker hands it over when the device
+        returns (see the README, "Offline devices").
+        """
+        seen = [e.data for e in events]
+        async with transaction(self.sessions) as session:
+            rows = await store.active_for_devices(
+                session, {p.device_id for p in seen}, actions=PRESENCE_ACTIONS
+            )
+            if not rows:
+                return
+            waiting = _by_device(rows)
+            latest: dict[str, tuple[bool, str | None, datetime]] = {}
+            now = self.clock()
+            for p in seen:
+                cmds = waiting.get(p.device_id)
+                if cmds is None:
+                    continue
+                online = p.state == "online"
+                known = latest.get(p.device_id)
+                if known is None or known[2] <= p.received_at:
+                    latest[p.device_id] = (online, p.fw, p.received_at)
+                for i, cmd in enumerate(cmds):
+                    change = domain.on_presence(cmd, online, p.fw, p.received_at)
+                    cmds[i] = await transitions.apply(session, change, "device", now) or cmd
+            await store.record_presences(session, latest)
+
+    async def apply_fleet_devices(self, events: Sequence[Envelope[FleetDevice]]) -> None:
+        """Keep the ownership snapshots for scope checks and release matching."""
+        async with transaction(self.sessions) as session:
+            await store.upsert_devices(
+                session,
+                [
+                    {
+                        "device_id": d.device_id,
+                        "dealer_id": d.dealer_id,
+                        "customer_email": d.customer_email,
+                        "model": d.model,
+                        "engine": d.engine,
+                        "transport": d.transport,
+                        "deleted": d.deleted,
+                    }
+                    for d in (e.data for e in events)
+                ],
+            )
+
+    async def apply_releases(self, events: Sequence[Envelope[FirmwareRelease]]) -> None:
+        """Keep the releases' artifacts and target variants for OTA requests."""
+        async with transaction(self.sessions) as session:
+            await store.upsert_releases(
+                session,
+                [
+                    {
+                        "release_id": r.release_id,
+                        "version": r.version,
+                        "models": list(r.models),
+                        "engine": r.engine,
+                        "transport": r.transport,
+                        "artifact_url": r.artifact_url,
+                        "sha256": r.sha256,
+                        "size": r.size,
+                        "withdrawn": r.withdrawn,
+                    }
+                    for r in (e.data for e in events)
+                ],
+            )
+
+
+def _by_device(rows: Sequence[Row[Any]]) -> dict[str, list[domain.Command]]:
+    waiting: dict[str, list[domain.Command]] = {}
+    for row in rows:
+        cmd = store.to_domain(row)
+        waiting.setdefault(cmd.device_id, []).append(cmd)
+    for cmds in waiting.values():
+        cmds.sort(key=lambda c: (c.created_at, c.id))
+    return waiting
+
+
+def _on_report(
+    cmd: domain.Command, report: DeviceReport, state: Row[Any] | None
+) -> domain.Change | None:
+    at = report.received_at
+    if report.kind == "ack" and report.status is not None:
+        return domain.on_ack(
+            cmd,
+            report.status,
+            report.detail,
+            at,
+            run_state=state.run_state if state else None,
+            run_state_at=state.run_state_at if state else None,
+            fw=state.fw if state and state.online else None,
+            fw_at=state.presence_at if state else None,
+        )
+    if report.kind == "ota" and report.phase is not None:
+        return domain.on_ota_phase(cmd, report.phase, report.progress_pct, report.detail, at)
+    return None
