@@ -2,6 +2,7 @@
 
 from typing import Annotated, Any
 
+import httpx
 import typer
 from typer.core import TyperGroup
 
@@ -82,7 +83,9 @@ def root(
     ] = 15.0,
 ) -> None:
     """Operate an AutoGen Fleet through its public API."""
-    ctx.obj = Options(base_url=base_url, token=token or None, timeout_s=timeout_s)
+    # Tests invoke the app with an httpx transport as the context object; users never do.
+    transport = ctx.obj if isinstance(ctx.obj, httpx.BaseTransport) else None
+    ctx.obj = Options(base_url, token or None, timeout_s, transport=transport)
 
 
 app.command("login")(auth.login)

@@ -8,6 +8,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
+import httpx
 import typer
 
 from autogen_cli.client import Client
@@ -34,6 +35,7 @@ class Options:
     base_url: str
     token: str | None
     timeout_s: float
+    transport: httpx.BaseTransport | None = None  # tests: an httpx.MockTransport
 
     def client(self, *, authenticated: bool = True) -> Client:
         """An API client; a usage error when a token is needed and none is known."""
@@ -43,7 +45,7 @@ class Options:
                 "no token: pass --token, set AUTOGEN_TOKEN, or run `autogen login` first",
                 param_hint="--token",
             )
-        return Client(self.base_url, token, timeout_s=self.timeout_s)
+        return Client(self.base_url, token, timeout_s=self.timeout_s, transport=self.transport)
 
 
 def options(ctx: typer.Context) -> Options:

@@ -29,11 +29,11 @@ def counts_of(rollout: JSON) -> dict[str, int]:
     return {state: int(counts.get(state) or 0) for state in (*IN_FLIGHT_STATES, *FINISHED_STATES)}
 
 
-def summary(rollout: JSON) -> str:
+def summary(rollout: JSON, *, total: bool = True) -> str:
     """`8/10 finished · 7 confirmed · 1 failed · 2 updating` (zero states left out)."""
     counts = counts_of(rollout)
     done = sum(counts[s] for s in FINISHED_STATES)
-    parts = [f"{done}/{sum(counts.values())} finished"]
+    parts = [f"{done}/{sum(counts.values())} finished"] if total else []
     parts += [f"{counts[s]} {s.replace('_', ' ')}" for s in (*FINISHED_STATES, *IN_FLIGHT_STATES)]
     return " · ".join(p for p in parts if not p.startswith("0 "))
 
@@ -101,7 +101,7 @@ def follow(
                 description=f"{rollout_id} {status}",
                 total=sum(counts.values()) or None,
                 completed=sum(counts[s] for s in FINISHED_STATES),
-                detail=summary(rollout),
+                detail=summary(rollout, total=False),
             )
             if status != last_status:
                 # A line per change too, so logs of a non-interactive run tell the story.
