@@ -209,8 +209,10 @@ def test_a_dealer_creates_a_scoped_token_uses_it_and_revokes_it(
     token = login(autogen, north(accounts)["staff"][0])
     device = as_json(autogen("devices", "list", "-n", "1", "-o", "json", token=token))[0]["id"]
     name = f"cli test {secrets.token_hex(3)}"
-    created = as_json(autogen("tokens", "create", "--name", name, "--access", "read",
-                              "-d", device, "--expires-in-days", "1", "-o", "json", token=token))  # fmt: skip
+    created = as_json(autogen(
+        "tokens", "create", "--name", name, "--access", "read", "-d", device,
+        "--expires-in-days", "1", "-o", "json", token=token,
+    ))  # fmt: skip
     secret = created["token"]
     assert secret.startswith("agk_")
     listed = as_json(autogen("tokens", "list", "--all", "-o", "json", token=token))
