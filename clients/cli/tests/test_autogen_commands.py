@@ -90,8 +90,8 @@ def private_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def run(
     api: FakeApi,
     *args: str,
-    token: str | None = "tok",
-    stdin: str | None = None,  # noqa: S107
+    token: str | None = "tok",  # noqa: S107
+    stdin: str | None = None,
 ) -> Result:
     prefix = ["--token", token] if token else []
     return CliRunner().invoke(

@@ -57,13 +57,14 @@ def parse_params(pairs: list[str]) -> JSON:
 def send(
     ctx: typer.Context,
     *,
-    device_id: Annotated[str, typer.Argument(help="Device id, e.g. AG10000.")],
-    action: Annotated[Action, typer.Argument(help="What the device should do.")],
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE_ID", help="Device id, e.g. AG10000.")],
+    action: Annotated[Action, typer.Argument(metavar="ACTION", help="What the device should do.")],
     param: Annotated[
         list[str] | None,
         typer.Option(
             "--param",
             "-p",
+            metavar="KEY=VALUE",
             help="Parameter as key=value (repeatable; JSON values like 30 or true are typed). "
             "set_setting: -p key=telemetry_interval_s -p value=60.",
         ),
@@ -110,7 +111,7 @@ def send(
 def wait_for(
     ctx: typer.Context,
     *,
-    command_id: Annotated[str, typer.Argument(help="Command id.")],
+    command_id: Annotated[str, typer.Argument(metavar="COMMAND_ID", help="Command id.")],
     timeout_s: TimeoutOption = 60.0,
     interval_s: IntervalOption = 0.5,
     fmt: OutputOption = Format.table,
@@ -124,7 +125,7 @@ def wait_for(
 def show(
     ctx: typer.Context,
     *,
-    command_id: Annotated[str, typer.Argument(help="Command id.")],
+    command_id: Annotated[str, typer.Argument(metavar="COMMAND_ID", help="Command id.")],
     fmt: OutputOption = Format.table,
 ) -> None:
     """Show one command and its status (GET /commands/{id})."""

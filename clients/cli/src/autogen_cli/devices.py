@@ -109,7 +109,10 @@ def search_devices(
     ctx: typer.Context,
     *,
     query: Annotated[
-        str, typer.Argument(help="Device id, customer email or device name (partial, any case).")
+        str,
+        typer.Argument(
+            metavar="QUERY", help="Device id, customer email or device name (partial, any case)."
+        ),
     ],
     connection: ConnectionOption = None,
     model: ModelOption = None,
@@ -135,7 +138,7 @@ def search_devices(
 def show_device(
     ctx: typer.Context,
     *,
-    device_id: Annotated[str, typer.Argument(help="Device id, e.g. AG10000.")],
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE_ID", help="Device id, e.g. AG10000.")],
     fmt: OutputOption = Format.table,
 ) -> None:
     """Show one device: identity, firmware, connection, run state, position (GET /devices/{id})."""
@@ -175,7 +178,7 @@ def describe(device: JSON) -> list[tuple[str, object]]:
 def command_history(
     ctx: typer.Context,
     *,
-    device_id: Annotated[str, typer.Argument(help="Device id.")],
+    device_id: Annotated[str, typer.Argument(metavar="DEVICE_ID", help="Device id.")],
     limit: LimitOption = 20,
     every: AllOption = False,
     fmt: OutputOption = Format.table,

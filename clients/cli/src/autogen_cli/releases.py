@@ -74,7 +74,9 @@ def list_releases(
 def show_release(
     ctx: typer.Context,
     *,
-    release_id: Annotated[str, typer.Argument(help="Release id, e.g. rel-1a2b3c.")],
+    release_id: Annotated[
+        str, typer.Argument(metavar="RELEASE_ID", help="Release id, e.g. rel-1a2b3c.")
+    ],
     fmt: OutputOption = Format.table,
 ) -> None:
     """Show one release: variant, artifact, checksum, notes (GET /firmware/releases/{id})."""

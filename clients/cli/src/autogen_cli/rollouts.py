@@ -16,7 +16,7 @@ app = typer.Typer(
     help="Deploy firmware rollouts and watch, pause, resume or clear them.", no_args_is_help=True
 )
 
-RolloutId = Annotated[str, typer.Argument(help="Rollout id, e.g. ro-1a2b3c.")]
+RolloutId = Annotated[str, typer.Argument(metavar="ROLLOUT_ID", help="Rollout id, e.g. ro-1a2b3c.")]
 TimeoutOption = Annotated[
     float,
     typer.Option(
@@ -96,12 +96,16 @@ DEVICE_COLUMNS: list[Column] = [
 def deploy(
     ctx: typer.Context,
     *,
-    release_id: Annotated[str, typer.Argument(help="The release to roll out (see releases list).")],
+    release_id: Annotated[
+        str,
+        typer.Argument(metavar="RELEASE_ID", help="The release to roll out (see releases list)."),
+    ],
     scope: Annotated[
         Scope, typer.Option("--scope", help="my_fleet, or global (admins only).")
     ] = Scope.my_fleet,
     models: Annotated[
-        list[str] | None, typer.Option("--model", "-m", help="Target model (repeatable).")
+        list[str] | None,
+        typer.Option("--model", "-m", metavar="MODEL", help="Target model (repeatable)."),
     ] = None,
     engine: Annotated[str | None, typer.Option("--engine", help="Target engine.")] = None,
     transport: Annotated[
@@ -109,7 +113,9 @@ def deploy(
     ] = None,
     device_ids: Annotated[
         list[str] | None,
-        typer.Option("--device", "-d", help="Only these devices (repeatable)."),
+        typer.Option(
+            "--device", "-d", metavar="DEVICE_ID", help="Only these devices (repeatable)."
+        ),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="OTAs in flight at once, at most.")

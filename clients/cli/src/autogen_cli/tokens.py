@@ -60,7 +60,9 @@ def create(
     ] = None,
     device_ids: Annotated[
         list[str] | None,
-        typer.Option("--device", "-d", help="Restrict to these devices (repeatable)."),
+        typer.Option(
+            "--device", "-d", metavar="DEVICE_ID", help="Restrict to these devices (repeatable)."
+        ),
     ] = None,
     expires_in_days: Annotated[
         int, typer.Option("--expires-in-days", min=1, help="Lifetime in days.")
@@ -104,7 +106,9 @@ _FIELDS = [
 def revoke(
     ctx: typer.Context,
     *,
-    token_id: Annotated[str, typer.Argument(help="Token id (from tokens list).")],
+    token_id: Annotated[
+        str, typer.Argument(metavar="TOKEN_ID", help="Token id (from tokens list).")
+    ],
 ) -> None:
     """Revoke an API token (DELETE /tokens/{id}); it stops working within a second."""
     with options(ctx).client() as api:
