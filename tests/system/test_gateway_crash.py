@@ -102,6 +102,8 @@ def gateway_env(
             # A long linger keeps many events in the producer's buffer at any moment, so a kill
             # always catches some uplinks received but not yet in Kafka.
             "GATEWAY_UPLINK_LINGER_MS": "300",
+            # One device streams thousands of messages here: no per-device rate limit.
+            "GATEWAY_DEVICE_RATE_PER_S": "0",
         }
     )
     return env

@@ -6,6 +6,13 @@ split the devices' traffic. Every QoS 1 uplink is acknowledged to the broker (PU
 after Kafka acknowledged its event (acks=all): a replica killed at any moment leaves its
 un-acked messages in its broker session, which redelivers them when it reconnects. The price
 is at-least-once: a message whose PUBACK was lost arrives twice (with distinct event ids).
+
+The uplink path is built for throughput: each PUBLISH is validated in the receive callback
+(no task or future per message), appended to a pending list, and a single sender task turns
+that list into one Kafka record batch per topic-partition (`send_batch`). When a batch is
+acknowledged, the PUBACKs of all its messages go out in one write. Telemetry waits up to
+`uplink_linger_ms` to fill batches; presence and reports (command acks, OTA progress) wake
+the sender at once, so the command round trip never waits on a linger.
 """
 
 import asyncio
@@ -13,24 +20,27 @@ import contextlib
 import functools
 import logging
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-import aiomqtt
-import paho.mqtt.client as paho
 from aiokafka import AIOKafkaProducer
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from aiokafka.partitioner import murmur2
 
 from common.contracts import device
-from common.events import encode, new_event
 from common.logging import RateLimitedLogger
-from gateway import protocol
+from gateway import metrics, protocol
+from gateway.limits import DeviceRateLimiter
+from gateway.mqtt import ConnectOptions, MqttConnection, MqttError
 from gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 SOURCE = "gateway"
+_FORWARDED = "forwarded"
+# A dead letter keeps at most this much of the payload (base64 of it fits Kafka's default
+# 1 MB record limit); the broker's Maximum Packet Size toward the gateway is 256 KiB anyway.
+_DEAD_LETTER_KEEP = 256 * 1024
 
 
 @dataclass
@@ -40,9 +50,22 @@ class BridgeStats:
     received: int = 0
     forwarded: int = 0
     dead_lettered: int = 0
+    dropped: int = 0
     produce_failures: int = 0
     connects: int = 0
     commands_sent: int = 0
+
+
+class _Uplink(NamedTuple):
+    """One message on its way to Kafka, and what to acknowledge when it got there."""
+
+    topic: str  # Kafka topic (prefixed)
+    key: bytes | None
+    value: bytes
+    conn: MqttConnection
+    packet_id: int
+    qos: int
+    outcome: str  # "forwarded" or the dead-letter reason class
 
 
 class Bridge:
@@ -51,7 +74,7 @@ class Bridge:
     def __init__(self, settings: GatewaySettings, producer: AIOKafkaProducer) -> None:
         self._settings = settings
         self._producer = producer
-        self._client: aiomqtt.Client | None = None
+        self._conn: MqttConnection | None = None
         self.connected = asyncio.Event()
         self.stats = BridgeStats()
         self._refusals = RateLimitedLogger(logger, interval_s=60.0)
@@ -59,155 +82,282 @@ class Bridge:
             t.name: settings.topic_name(t.name)
             for t in (device.TELEMETRY, device.PRESENCE, device.REPORT, device.DEADLETTER)
         }
+        self._headers = {
+            self._topics[t.name]: [
+                ("content-type", b"application/json"),
+                ("event-type", t.event_type.encode()),
+            ]
+            for t in (device.TELEMETRY, device.PRESENCE, device.REPORT, device.DEADLETTER)
+        }
+        self._limiter = DeviceRateLimiter(
+            rate_per_s=settings.device_rate_per_s, burst=settings.device_burst
+        )
+        self._pending: list[_Uplink] = []
+        self._unacked = 0  # accepted, not yet acknowledged by Kafka
+        self._wake = asyncio.Event()
+        self._urgent = False
+        self._hashes: dict[bytes, int] = {}  # key -> murmur2, as the default partitioner does
+        self.online: set[str] = set()  # devices whose latest status seen here is `online`
 
     @property
     def subscription(self) -> str:
         """The shared subscription all replicas use."""
         return f"$share/{self._settings.mqtt_share_group}/devices/+/up/#"
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _options(self) -> ConnectOptions:
         s = self._settings
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = s.mqtt_session_expiry_s
-        props.ReceiveMaximum = s.mqtt_receive_maximum
-        client = aiomqtt.Client(
-            s.mqtt_host,
-            s.mqtt_port,
+        return ConnectOptions(
+            host=s.mqtt_host,
+            port=s.mqtt_port,
+            client_id=s.mqtt_client_id,
             username=s.mqtt_username,
             password=s.mqtt_password.get_secret_value(),
-            identifier=s.mqtt_client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            clean_start=False,
-            properties=props,
-            keepalive=s.mqtt_keepalive_s,
-            max_inflight_messages=1000,
+            keepalive_s=s.mqtt_keepalive_s,
+            session_expiry_s=s.mqtt_session_expiry_s,
+            receive_maximum=s.mqtt_receive_maximum,
+            max_packet_bytes=s.mqtt_max_packet_bytes,
         )
-        # aiomqtt 2.5 has no manual-ack option; its paho client does. Set before connecting so
-        # no message of a resumed session is acked before Kafka has it.
-        client._client.manual_ack_set(True)
-        return client
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, consume and reconnect with jittered exponential backoff until `stop`."""
+        sender = asyncio.create_task(self._send_loop(), name="uplink-producer")
         delay = 0.5
-        while not stop.is_set():
-            try:
-                async with self._new_client() as client:
+        try:
+            while not stop.is_set():
+                conn: MqttConnection | None = None
+                try:
+                    conn = await MqttConnection.open(self._options(), self._on_publish)
                     # A resumed session first receives its backlog (up to Receive Maximum) and
-                    # the SUBACK queues behind it: give it time instead of reconnecting in a loop.
-                    await client.subscribe(
-                        self.subscription, qos=1, timeout=self._settings.mqtt_subscribe_timeout_s
-                    )
-                    self._client = client
+                    # the SUBACK queues behind it: give it time instead of reconnecting.
+                    async with asyncio.timeout(self._settings.mqtt_subscribe_timeout_s):
+                        await conn.subscribe(self.subscription, qos=1)
+                    self._conn = conn
                     self.connected.set()
                     self.stats.connects += 1
                     delay = 0.5
                     logger.info("mqtt session up", extra={"subscription": self.subscription})
-                    await self._consume(client, stop)
-            except aiomqtt.MqttError as exc:
-                logger.warning("mqtt session lost", extra={"error": str(exc)})
-            finally:
-                self.connected.clear()
-                self._client = None
-            if stop.is_set():
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay * random.uniform(0.5, 1.0))  # noqa: S311
-            delay = min(delay * 2, self._settings.mqtt_reconnect_max_s)
-
-    async def _consume(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        session = client._client
-        stopping = asyncio.create_task(stop.wait())
-        messages = client.messages.__aiter__()
-        try:
-            while True:
-                receive = asyncio.ensure_future(messages.__anext__())
-                done, _ = await asyncio.wait(
-                    {receive, stopping}, return_when=asyncio.FIRST_COMPLETED
-                )
-                if receive not in done:
-                    receive.cancel()
-                    return
-                await self._forward(session, receive.result())
-                # Drain what is already queued without the wait() bookkeeping (throughput).
-                while client.messages.__len__() and not stop.is_set():
-                    await self._forward(session, await messages.__anext__())
+                    stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+                    try:
+                        await asyncio.wait(
+                            {conn.closed, stopping}, return_when=asyncio.FIRST_COMPLETED
+                        )
+                    finally:
+                        stopping.cancel()
+                    if stop.is_set():
+                        await self._finish(conn)
+                    else:
+                        logger.warning("mqtt session lost")
+                except (OSError, TimeoutError) as exc:  # MqttError is a ConnectionError
+                    logger.warning("mqtt session failed", extra={"error": repr(exc)})
+                finally:
+                    self.connected.clear()
+                    self._conn = None
+                    if conn is not None:
+                        conn.abort()
+                if stop.is_set():
+                    break
+                with contextlib.suppress(TimeoutError):
+                    jitter = random.uniform(0.5, 1.0)  # noqa: S311
+                    await asyncio.wait_for(stop.wait(), timeout=delay * jitter)
+                delay = min(delay * 2, self._settings.mqtt_reconnect_max_s)
         finally:
-            stopping.cancel()
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
 
-    async def _forward(self, session: paho.Client, message: aiomqtt.Message) -> None:
+    async def _finish(self, conn: MqttConnection) -> None:
+        """Shutdown: take no more, let Kafka acknowledge what is in flight, PUBACK it, leave."""
+        conn.pause_reading()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while self._pending or self._unacked:
+                    self._wake.set()
+                    await asyncio.sleep(0.01)
+        await conn.disconnect()
+
+    # uplink: MQTT -> Kafka
+    def _on_publish(
+        self, conn: MqttConnection, topic: str, payload: bytes, packet_id: int, qos: int
+    ) -> None:
         self.stats.received += 1
-        topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else b""
+        try:
+            self._accept(conn, topic, payload, packet_id, qos)
+        except Exception:  # a bug here must not take the session down with it
+            logger.exception("uplink handling failed", extra={"mqtt_topic": topic[:200]})
+            self._drop(conn, packet_id, qos, "error")
+
+    def _accept(
+        self, conn: MqttConnection, topic: str, payload: bytes, packet_id: int, qos: int
+    ) -> None:
+        parts = topic.split("/", 3)
+        device_id = parts[1] if len(parts) > 2 and parts[0] == "devices" else ""
+        if not self._limiter.allow(device_id):
+            self._refusals.warning(
+                f"{device_id[:64]}:rate",
+                "device over its uplink rate, dropping",
+                device_id=device_id[:64],
+                rate_per_s=self._limiter.rate_per_s,
+            )
+            self._drop(conn, packet_id, qos, "rate_limited")
+            return
+        if qos == 0 and self._unacked >= 4 * self._settings.mqtt_receive_maximum:
+            self._drop(conn, packet_id, qos, "overload")  # QoS 0 has no broker-side bound
+            return
         now = datetime.now(UTC)
         verdict = protocol.read_uplink(
             topic, payload, received_at=now, max_bytes=self._settings.max_payload_bytes
         )
         if isinstance(verdict, protocol.Accepted):
-            event = new_event(
-                type=verdict.topic.event_type,
-                data=verdict.data,
-                source=SOURCE,
-                key=verdict.device_id,
-                occurred_at=now,
+            contract = verdict.topic
+            if contract is device.PRESENCE:
+                self._presence(verdict.device_id, verdict.data.state)
+            if contract is not device.TELEMETRY:
+                self._urgent = True
+            value = protocol.encode_event(
+                contract.event_type, SOURCE, verdict.device_id, verdict.data, now
             )
-            target, dead = self._topics[verdict.topic.name], False
-            key_bytes: bytes | None = verdict.device_id.encode()
+            uplink = _Uplink(
+                self._topics[contract.name], verdict.device_id.encode(), value, conn,
+                packet_id, qos, _FORWARDED,
+            )  # fmt: skip
         else:
-            event = new_event(
-                type=device.DEADLETTER.event_type,
-                data=_dead_letter(topic, payload, verdict, now),
-                source=SOURCE,
-                key=verdict.device_id,
-                occurred_at=now,
-            )
-            target, dead = self._topics[device.DEADLETTER.name], True
-            key_bytes = verdict.device_id.encode() if verdict.device_id else None
             self._refusals.warning(
-                f"{verdict.device_id}:{verdict.reason[:40]}",
+                f"{verdict.device_id}:{verdict.code}",
                 "uplink refused, dead-lettered",
                 device_id=verdict.device_id,
                 reason=verdict.reason[:300],
             )
-        try:
-            delivery = await self._producer.send(
-                target,
-                value=encode(event),
-                key=key_bytes,
-                headers=[
-                    ("content-type", b"application/json"),
-                    ("event-type", event.type.encode()),
-                ],
+            value = protocol.encode_event(
+                device.DEADLETTER.event_type,
+                SOURCE,
+                verdict.device_id,
+                _dead_letter(topic, payload, verdict, now),
+                now,
             )
-        except Exception as exc:  # noqa: BLE001 - any produce error: leave it un-acked, reconnect
-            self._produce_failed(session, exc)
-            return
-        delivery.add_done_callback(
-            functools.partial(self._delivered, session, message.mid, message.qos, dead)
-        )
+            key = verdict.device_id.encode() if verdict.device_id else None
+            uplink = _Uplink(
+                self._topics[device.DEADLETTER.name], key, value, conn, packet_id, qos,
+                verdict.code,
+            )  # fmt: skip
+        self._pending.append(uplink)
+        self._unacked += 1
+        if not self._wake.is_set():
+            self._wake.set()
 
-    def _delivered(
-        self, session: paho.Client, mid: int, qos: int, dead: bool, delivery: "asyncio.Future[Any]"
-    ) -> None:
-        if delivery.cancelled() or delivery.exception() is not None:
-            self._produce_failed(session, delivery.exception() or asyncio.CancelledError())
-            return
-        if dead:
-            self.stats.dead_lettered += 1
+    def _presence(self, device_id: str, state: str) -> None:
+        if state == "online":
+            self.online.add(device_id)
         else:
-            self.stats.forwarded += 1
-        if qos > 0:
-            session.ack(mid, qos)
+            self.online.discard(device_id)
+        metrics.CONNECTED_DEVICES.set(len(self.online))
 
-    def _produce_failed(self, session: paho.Client, exc: BaseException) -> None:
-        # Not acked: the broker keeps the message in our session. Dropping the connection makes
-        # it redeliver everything un-acked once we are back (in order, marked DUP).
-        self.stats.produce_failures += 1
+    def _drop(self, conn: MqttConnection, packet_id: int, qos: int, reason: str) -> None:
+        self.stats.dropped += 1
+        metrics.DROPPED.labels(reason).inc()
+        metrics.UPLINKS.labels("dropped").inc()
+        if qos:
+            conn.puback((packet_id,))  # taken care of: the broker must not redeliver it
+
+    async def _send_loop(self) -> None:
+        linger_s = self._settings.uplink_linger_ms / 1000
+        while True:
+            await self._wake.wait()
+            if linger_s and not self._urgent:
+                await asyncio.sleep(linger_s)  # only telemetry is pending: fill the batch
+            self._wake.clear()
+            self._urgent = False
+            pending, self._pending = self._pending, []
+            if pending:
+                await self._produce(pending)
+
+    async def _produce(self, pending: list[_Uplink]) -> None:
+        groups: dict[tuple[str, int], list[_Uplink]] = {}
+        partitions: dict[str, list[int]] = {}
+        try:
+            for uplink in pending:
+                topic = uplink.topic
+                if topic not in partitions:
+                    partitions[topic] = sorted(await self._producer.partitions_for(topic))
+                where = (topic, self._partition(uplink.key, partitions[topic]))
+                groups.setdefault(where, []).append(uplink)
+        except Exception as exc:  # noqa: BLE001 - no metadata (Kafka away): all stay un-acked
+            self._failed(pending, exc)
+            return
+        for (topic, partition), uplinks in groups.items():
+            headers = self._headers[topic]
+            members: list[_Uplink] = []
+            batch = self._producer.create_batch()
+            for uplink in uplinks:
+                if batch.append(timestamp=None, key=uplink.key, value=uplink.value,
+                                headers=headers) is None:  # fmt: skip
+                    await self._submit(batch, topic, partition, members)
+                    batch, members = self._producer.create_batch(), []
+                    batch.append(
+                        timestamp=None, key=uplink.key, value=uplink.value, headers=headers
+                    )
+                members.append(uplink)
+            await self._submit(batch, topic, partition, members)
+
+    def _partition(self, key: bytes | None, partitions: list[int]) -> int:
+        if key is None:
+            return random.choice(partitions)  # noqa: S311 - spreading, not secrecy
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            if len(self._hashes) > 100_000:
+                self._hashes.clear()
+            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return partitions[hashed % len(partitions)]
+
+    async def _submit(self, batch: Any, topic: str, partition: int, members: list[_Uplink]) -> None:
+        batch.close()  # closed: ready to go at once, the producer's own linger does not apply
+        try:
+            delivery = await self._producer.send_batch(batch, topic, partition=partition)
+        except Exception as exc:  # noqa: BLE001 - any produce error: leave them un-acked
+            self._failed(members, exc)
+            return
+        delivery.add_done_callback(functools.partial(self._delivered, members))
+
+    def _delivered(self, members: list[_Uplink], delivery: "asyncio.Future[Any]") -> None:
+        self._unacked -= len(members)
+        if delivery.cancelled() or delivery.exception() is not None:
+            self._failed(members, delivery.exception() or asyncio.CancelledError(), counted=True)
+            return
+        acks: dict[MqttConnection, list[int]] = {}
+        forwarded = 0
+        for uplink in members:
+            if uplink.qos:
+                acks.setdefault(uplink.conn, []).append(uplink.packet_id)
+            if uplink.outcome == _FORWARDED:
+                forwarded += 1
+            else:
+                metrics.DEAD_LETTERED.labels(uplink.outcome).inc()
+        for conn, packet_ids in acks.items():
+            conn.puback(packet_ids)
+        dead = len(members) - forwarded
+        self.stats.forwarded += forwarded
+        self.stats.dead_lettered += dead
+        if forwarded:
+            metrics.UPLINKS.labels(_FORWARDED).inc(forwarded)
+        if dead:
+            metrics.UPLINKS.labels("dead_lettered").inc(dead)
+
+    def _failed(
+        self, members: Iterable[_Uplink], exc: BaseException, *, counted: bool = False
+    ) -> None:
+        # Not acked: the broker keeps the messages in our session. Dropping the connection makes
+        # it redeliver everything un-acked once we are back (marked DUP).
+        members = list(members)
+        if not counted:
+            self._unacked -= len(members)
+        self.stats.produce_failures += len(members)
+        metrics.PRODUCE_FAILURES.inc(len(members))
         logger.error(
             "kafka produce failed; reconnecting to get a redelivery", extra={"error": repr(exc)}
         )
-        session.disconnect()
+        for conn in {u.conn for u in members}:
+            conn.abort()
 
+    # downlink: commands to devices
     async def publish_command(
         self, device_id: str, payload: bytes, *, expires_at: datetime | None = None
     ) -> None:
@@ -217,25 +367,24 @@ class Bridge:
         that waits in an offline device's session past its TTL, instead of handing it over.
         """
         timeout = self._settings.mqtt_publish_timeout_s
-        properties: Properties | None = None
+        expiry = None
         if expires_at is not None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            remaining = (expires_at - datetime.now(UTC)).total_seconds()
-            properties.MessageExpiryInterval = max(1, int(remaining))
+            expiry = max(1, int((expires_at - datetime.now(UTC)).total_seconds()))
         try:
             async with asyncio.timeout(timeout):
                 await self.connected.wait()
-                client = self._client
-                if client is None:
+                conn = self._conn
+                if conn is None:
                     raise ConnectionError("no MQTT session")
-                await client.publish(
-                    protocol.command_topic(device_id), payload, qos=1, properties=properties
+                await conn.publish(
+                    protocol.command_topic(device_id), payload, message_expiry_s=expiry
                 )
         except TimeoutError as exc:
             raise ConnectionError(f"MQTT publish not acknowledged within {timeout}s") from exc
-        except aiomqtt.MqttError as exc:
+        except MqttError as exc:
             raise ConnectionError(f"MQTT publish failed: {exc}") from exc
         self.stats.commands_sent += 1
+        metrics.COMMANDS_SENT.inc()
 
 
 def _dead_letter(
@@ -243,22 +392,28 @@ def _dead_letter(
 ) -> device.DeviceDeadLetter:
     import base64  # noqa: PLC0415 - only bad input pays for it
 
+    reason = refused.reason
+    if len(payload) > _DEAD_LETTER_KEEP:
+        # Kept whole it could exceed what Kafka takes in one record (and fail forever).
+        payload = payload[:_DEAD_LETTER_KEEP]
+        reason += f" (payload_b64 holds its first {_DEAD_LETTER_KEEP} bytes)"
     return device.DeviceDeadLetter(
         mqtt_topic=topic[:500],
         device_id=refused.device_id,
-        reason=refused.reason,
+        reason=reason,
         payload_b64=base64.b64encode(payload).decode(),
         received_at=now,
     )
 
 
 def make_producer(settings: GatewaySettings) -> AIOKafkaProducer:
-    """The uplink producer: idempotent, acks=all, batched by linger."""
+    """The uplink producer: idempotent, acks=all; the bridge builds the batches itself."""
     return AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap_servers,
         client_id=f"{settings.client_id}-uplink",
         acks="all",
         enable_idempotence=True,
-        linger_ms=settings.uplink_linger_ms,
-        max_batch_size=256 * 1024,
+        linger_ms=0,
+        max_batch_size=512 * 1024,
+        request_timeout_ms=30_000,
     )

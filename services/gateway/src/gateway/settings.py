@@ -45,7 +45,16 @@ class GatewaySettings(DatabaseSettings):
     mqtt_subscribe_timeout_s: float = Field(default=120.0, gt=0)
     mqtt_reconnect_max_s: float = Field(default=10.0, gt=0)
     max_payload_bytes: int = Field(default=16 * 1024, ge=1)
-    # Uplinks are produced straight to Kafka (no outbox); a few ms of linger batch them.
+    # MQTT v5 Maximum Packet Size of the gateway's session: the broker does not deliver
+    # larger uplinks to it (bounds the memory one message can take). Between this and
+    # `max_payload_bytes` an uplink is dead-lettered (its first `max_payload_bytes` kept).
+    mqtt_max_packet_bytes: int = Field(default=256 * 1024, ge=1024, le=268_435_455)
+    # Per-device uplink budget (token bucket): `device_rate_per_s` messages a second, bursts of
+    # `device_burst`; the excess is acknowledged and dropped (counted). 0 turns it off.
+    device_rate_per_s: float = Field(default=20.0, ge=0)
+    device_burst: float = Field(default=100.0, ge=1)
+    # Telemetry waits up to this long to fill Kafka batches (no outbox: the broker session is
+    # the buffer). Presence and reports never wait: they are on the commands' round trip.
     uplink_linger_ms: int = Field(default=5, ge=0, le=1000)
     dispatch_group_id: str = "gateway.dispatch"
     mqtt_publish_timeout_s: float = Field(default=10.0, gt=0)

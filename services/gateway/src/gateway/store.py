@@ -10,7 +10,7 @@ from common.idempotency import processed_events_table
 from common.outbox import outbox_table
 
 metadata = MetaData()
-outbox = outbox_table(metadata)
+outbox = outbox_table(metadata, wake_relay=True)
 processed_events = processed_events_table(metadata)
 
 # Which devices hold broker credentials, and when they changed. Never the password: it lives
