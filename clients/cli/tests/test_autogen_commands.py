@@ -348,3 +348,21 @@ def test_every_command_documents_itself(path: list[str]) -> None:
     assert result.exit_code == 0
     assert "Usage: autogen" in result.stdout
     assert len(result.stdout.splitlines()) > 4
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["rollouts", "follow", "ro-1"], "the rollout goes on: autogen rollouts follow ro-1"),
+        (["commands", "wait", "cmd-1"], "the command goes on: autogen commands wait cmd-1"),
+    ],
+)
+def test_ctrl_c_while_waiting_stops_waiting_only(api: FakeApi, args: list[str], says: str) -> None:
+    def interrupt(_: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    api.routes["GET /rollouts/ro-1"] = interrupt
+    api.routes["GET /commands/cmd-1"] = interrupt
+    result = run(api, *args)
+    assert result.exit_code == 130
+    assert says in result.stderr

@@ -136,14 +136,18 @@ def show(
 def _wait(api: Client, command_id: str, timeout_s: float, interval_s: float, fmt: Format) -> None:
     """Poll until final or deadline, then print the command and exit with its outcome."""
     deadline = time.monotonic() + timeout_s
-    with output.stderr().status(f"Command {command_id}: queued") as spinner:
-        while True:
-            current = api.command(command_id)
-            status = str(current.get("status"))
-            spinner.update(f"Command {command_id}: {status}")
-            if status in FINAL or time.monotonic() >= deadline:
-                break
-            time.sleep(interval_s)
+    try:
+        with output.stderr().status(f"Command {command_id}: queued") as spinner:
+            while True:
+                current = api.command(command_id)
+                status = str(current.get("status"))
+                spinner.update(f"Command {command_id}: {status}")
+                if status in FINAL or time.monotonic() >= deadline:
+                    break
+                time.sleep(interval_s)
+    except KeyboardInterrupt:
+        output.note(f"Stopped waiting; the command goes on: autogen commands wait {command_id}")
+        raise typer.Exit(Exit.INTERRUPTED) from None
     _print(current, fmt)
     if status == "succeeded":
         return
