@@ -1,0 +1,152 @@
+"""The fault suite's private platform: its own stack, services, devices, simulator, observer.
+
+Everything here runs on its own ports and directory (`.local/faults/`), so stopping Kafka or
+killing a service never touches the shared stack other people and tests use. The session
+fixture stops all of it at the end, whatever happened. `FAULTS_KEEP_SERVERS=1` leaves the
+private servers running for a faster next run while iterating (services always stop).
+
+Scale (2-core machine, shared with the real stack): `FAULTS_DEVICES` simulated devices in each
+rollout (default 40; the issue says 200) and `FAULTS_COMMANDS` commands per burst (default 100;
+the issue says 500).
+"""
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from faults_harness import (
+    DEVICES,
+    ROOT,
+    TIME_FACTOR,
+    Platform,
+    PrivateStack,
+    wait_for,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the `faults` marker (select the suite with `-m faults`)."""
+    config.addinivalue_line("markers", "faults: the fault suite on a private stack")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/faults is part of the fault suite."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.faults)
+
+
+def _register_devices(
+    stack: PrivateStack, headers: dict[str, str], dealer: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """`DEVICES` Ultra WiFi units in the dealer's fleet, registered through the public API."""
+    devices = []
+    customer = dealer["customers"][0]["email"]
+    run = uuid.uuid4().hex[:6]
+    with httpx.Client(base_url=stack.api, headers=headers, timeout=30) as client:
+        for n in range(DEVICES):
+            body = {
+                "id": f"FLT{run}{n:04d}".upper(),
+                "name": f"fault unit {n}",
+                "model": "Ultra",
+                "engine": None,
+                "transport": "wifi",
+                "gps": False,
+                "dealer_id": dealer["id"],
+                "customer_email": customer,
+                "firmware_version": "1.0.0",
+            }
+            response = client.post("/devices", json=body)
+            assert response.status_code == 201, response.text
+            devices.append(
+                {
+                    **{k: body[k] for k in ("id", "name", "model", "engine", "transport", "gps")},
+                    "lat": 50.0 + n / 1000,
+                    "lon": 14.0 + n / 1000,
+                    "password": response.json()["mqtt_password"],
+                    "firmware_version": "1.0.0",
+                }
+            )
+    return devices
+
+
+@pytest.fixture(scope="session")
+def platform() -> Iterator[Platform]:
+    """Start the private stack, services, devices and simulator; stop them all at the end."""
+    stack = PrivateStack(ROOT / ".local" / "faults")
+    keep = os.environ.get("FAULTS_KEEP_SERVERS") == "1"
+    try:
+        stack.start_servers()
+        stack.start_services()
+        demo = stack.local_dir / "demo"
+        demo.mkdir(exist_ok=True)
+        stack.run_module("tokens", "seed", "--out", str(demo / "accounts.json"))
+        accounts = json.loads((demo / "accounts.json").read_text())
+        dealer = accounts["dealers"][0]
+        platform = Platform(
+            stack=stack,
+            accounts=accounts,
+            dealer_id=dealer["id"],
+            dealer_headers={},
+            admin_headers={},
+            devices=[],
+            acks_file=stack.log_dir / f"acks-{uuid.uuid4().hex[:6]}.jsonl",
+        )
+        platform.relogin()
+        platform.devices = _register_devices(stack, platform.dealer_headers, dealer)
+        devices_file = demo / "devices.json"
+        devices_file.write_text(
+            json.dumps({"mqtt": {"host": "127.0.0.1", "port": 0}, "devices": platform.devices})
+        )
+        stack.create_observer_account()
+        stack.start_observer(platform.acks_file)
+        stack.start_simulator(devices_file, TIME_FACTOR)
+        ids = {d["id"] for d in platform.devices}
+
+        def all_live() -> bool:
+            response = httpx.get(
+                f"{stack.api}/devices",
+                params={"connection": "live", "limit": 500, "q": "FLT"},
+                headers=platform.dealer_headers,
+                timeout=10,
+            )
+            live = {d["id"] for d in response.json()["items"]}
+            return ids <= live
+
+        wait_for("every simulated device live", all_live, timeout=120, interval=1.0)
+        yield platform
+    finally:
+        if keep:
+            for proc in (stack.simulator, stack.observer):
+                if proc is not None:
+                    proc.terminate()
+            for svc in stack.services.values():
+                svc.stop()
+        else:
+            stack.stop_all()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's counts, one line per case, at the end of the run."""
+    results = ROOT / ".local" / "faults" / "logs" / "results.jsonl"
+    if not results.exists() or not results.read_text().strip():
+        return
+    terminalreporter.section("fault suite counts")
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        terminalreporter.write_line(
+            f"{record['case']}: lost={record['lost']} duplicated={record['duplicated']} "
+            f"stuck={record['stuck']} 5xx={record['errors_5xx']} "
+            f"(accepted {record['accepted']}, rollout confirmed {record['confirmed']} "
+            f"failed {record['failed']}, 503 retried {record['unavailable']})"
+        )

@@ -1,0 +1,250 @@
+"""The load every fault case runs: a firmware rollout over the simulated devices plus a burst of
+commands, then the counts that say whether anything was lost, duplicated or stuck."""
+
+import collections
+import concurrent.futures
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from faults_harness import read_jsonl, wait_for
+
+FINAL_COMMAND = {"succeeded", "failed", "expired", "rejected"}
+FINAL_DEVICE = {"confirmed", "failed"}
+# Worth a retry with the same Idempotency-Key: the platform said "not now" (503 with
+# Retry-After, or nginx's 502/504 while a service restarts).
+RETRYABLE = {502, 503, 504}
+SHA = "a" * 64
+
+
+@dataclass
+class Counts:
+    """What one fault case found."""
+
+    case: str
+    accepted: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    stuck: int = 0
+    errors_5xx: int = 0
+    unavailable: int = 0
+    confirmed: int = 0
+    failed: int = 0
+    failed_without_reason: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """The summary line the case prints."""
+        return (
+            f"FAULTS {self.case}: lost={self.lost} duplicated={self.duplicated} "
+            f"stuck={self.stuck} 5xx={self.errors_5xx} | accepted={self.accepted} "
+            f"rollout confirmed={self.confirmed} failed={self.failed} "
+            f"retried_503={self.unavailable}"
+            + (f" | {'; '.join(self.notes)}" if self.notes else "")
+        )
+
+
+class Load:
+    """One rollout and one command burst against the private platform."""
+
+    def __init__(self, platform: Any, case: str, commands: int) -> None:
+        self.platform = platform
+        self.counts = Counts(case)
+        self.commands = commands
+        self.accepted: dict[str, str] = {}  # command id -> device id
+        self.rollout_id: str | None = None
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
+        self._futures: list[concurrent.futures.Future[None]] = []
+        self._acks_from = _line_count(platform.acks_file)
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: Any = None,
+        key: str | None = None,
+        deadline_s: float = 150.0,
+    ) -> httpx.Response:
+        """A request that a client would retry on 502/503/504 (same Idempotency-Key)."""
+        deadline = time.monotonic() + deadline_s
+        extra = {"Idempotency-Key": key} if key else {}
+        while True:
+            try:
+                response = httpx.request(
+                    method,
+                    self.platform.api + path,
+                    json=body,
+                    headers=headers | extra,
+                    timeout=15,
+                )
+            except httpx.HTTPError:
+                response = None
+            if response is not None and response.status_code not in RETRYABLE:
+                if response.status_code >= 500:
+                    with self._lock:
+                        self.counts.errors_5xx += 1
+                        self.counts.notes.append(f"{method} {path} -> {response.status_code}")
+                    # An unexpected 5xx is counted; the client still retries it.
+                else:
+                    return response
+            elif response is not None:
+                with self._lock:
+                    self.counts.unavailable += 1
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{method} {path}: no answer but 5xx within {deadline_s}s")
+            time.sleep(0.5)
+
+    # --- the load ------------------------------------------------------------------------
+
+    def start_rollout(self) -> None:
+        """An Ultra WiFi release and a rollout to every simulated device (admin override)."""
+        admin = self.platform.admin_headers
+        version = f"9.{uuid.uuid4().int % 10_000}.{int(time.time()) % 1000}"
+        release = self.call(
+            "POST",
+            "/firmware/releases",
+            admin,
+            {
+                "console": "ultra",
+                "version": version,
+                "models": ["Ultra"],
+                "transport": "wifi",
+                "artifact_url": f"https://fw.example/{version}.bin",
+                "sha256": SHA,
+                "size": 4096,
+            },
+            key=f"rel-{version}",
+        )
+        assert release.status_code == 201, release.text
+        ids = [d["id"] for d in self.platform.devices]
+        rollout = self.call(
+            "POST",
+            "/rollouts",
+            admin,
+            {
+                "release_id": release.json()["id"],
+                "scope": "my_fleet",
+                "dealer_id": self.platform.dealer_id,
+                "target": {"device_ids": ids},
+                "strategy": {"batch_size": len(ids), "failure_threshold_pct": 100},
+                "override": True,
+                "override_reason": "fault suite",
+            },
+            key=f"rollout-{version}",
+        )
+        assert rollout.status_code == 201, rollout.text
+        self.rollout_id = rollout.json()["id"]
+
+    def send_commands(self, count: int) -> None:
+        """Queue `count` start/stop commands spread over the devices (sent by worker threads)."""
+        devices = [d["id"] for d in self.platform.devices]
+        for n in range(count):
+            device = devices[n % len(devices)]
+            action = "start" if (n // len(devices)) % 2 == 0 else "stop"
+            self._futures.append(self._pool.submit(self._command, device, action))
+
+    def _command(self, device: str, action: str) -> None:
+        response = self.call(
+            "POST",
+            f"/devices/{device}/commands",
+            self.platform.dealer_headers,
+            {"action": action},
+            key=uuid.uuid4().hex,
+        )
+        if response.status_code == 202:
+            with self._lock:
+                self.accepted[response.json()["id"]] = device
+        else:
+            with self._lock:
+                self.counts.notes.append(f"command refused {response.status_code}")
+
+    def wait_sent(self, timeout: float = 200.0) -> None:
+        """Every queued command got its final HTTP answer."""
+        done, pending = concurrent.futures.wait(self._futures, timeout=timeout)
+        for future in done:
+            future.result()
+        assert not pending, f"{len(pending)} command requests still unanswered"
+        self._pool.shutdown()
+
+    # --- the verdict ---------------------------------------------------------------------
+
+    def settle(self, timeout: float = 180.0) -> Counts:
+        """Wait until everything is final (or the deadline), then count."""
+        self.wait_sent()
+        self.counts.accepted = len(self.accepted)
+        statuses: dict[str, str] = {}
+        devices: dict[str, dict[str, Any]] = {}
+
+        def commands_final() -> bool:
+            for command_id in self.accepted:
+                if statuses.get(command_id) in FINAL_COMMAND:
+                    continue
+                response = self.call("GET", f"/commands/{command_id}", self.platform.dealer_headers)
+                statuses[command_id] = (
+                    response.json()["status"] if response.status_code == 200 else "missing"
+                )
+            return all(s in FINAL_COMMAND for s in statuses.values())
+
+        def rollout_final() -> bool:
+            response = self.call(
+                "GET",
+                f"/rollouts/{self.rollout_id}/devices?limit=500",
+                self.platform.admin_headers,
+            )
+            devices.clear()
+            devices.update({d["device_id"]: d for d in response.json()["items"]})
+            return len(devices) == len(self.platform.devices) and all(
+                d["state"] in FINAL_DEVICE for d in devices.values()
+            )
+
+        deadline = time.monotonic() + timeout
+        for what, check in (("commands final", commands_final), ("rollout final", rollout_final)):
+            try:
+                wait_for(what, check, max(5.0, deadline - time.monotonic()), interval=1.0)
+            except TimeoutError as exc:
+                self.counts.notes.append(str(exc))
+        c = self.counts
+        c.lost = sum(1 for s in statuses.values() if s == "missing")
+        c.lost += len(self.platform.devices) - len(devices)
+        c.stuck = sum(1 for s in statuses.values() if s not in FINAL_COMMAND | {"missing"})
+        c.stuck += sum(1 for d in devices.values() if d["state"] not in FINAL_DEVICE)
+        c.confirmed = sum(1 for d in devices.values() if d["state"] == "confirmed")
+        failed = [d for d in devices.values() if d["state"] == "failed"]
+        c.failed = len(failed)
+        c.failed_without_reason = sum(1 for d in failed if not d.get("detail"))
+        if failed:
+            c.notes.append(f"failed e.g. {failed[0]['device_id']}: {failed[0].get('detail')}")
+        expired = sum(1 for s in statuses.values() if s == "expired")
+        if expired:
+            c.notes.append(f"{expired} commands expired")
+        c.duplicated = self._ran_twice()
+        return c
+
+    def _ran_twice(self) -> int:
+        """Commands a device accepted more than once, as the broker saw the devices' acks."""
+        seen: collections.Counter[str] = collections.Counter()
+        records = list(read_jsonl(self.platform.acks_file))[self._acks_from :]
+        for record in records:
+            if record["kind"] == "ack" and record["status"] == "accepted":
+                seen[str(record["command_id"])] += 1
+        return sum(1 for n in seen.values() if n > 1)
+
+
+def _line_count(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return len(path.read_text().splitlines())
+
+
+def report(counts: Counts, results_file: Path) -> None:
+    """Print the case's summary line and keep it for the suite's summary."""
+    print(counts.line())  # noqa: T201 - the suite's output is its counts
+    with results_file.open("a") as out:
+        out.write(json.dumps(counts.__dict__) + "\n")
