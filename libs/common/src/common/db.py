@@ -11,6 +11,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+# Bounds on every wait for PostgreSQL, so a request meets a dead database with a 503 within
+# seconds instead of hanging: opening a connection, waiting for a free one in the pool, and one
+# statement (generous: the slowest legitimate query is far below it).
+CONNECT_TIMEOUT_S = 5.0
+POOL_TIMEOUT_S = 5.0
+COMMAND_TIMEOUT_S = 60.0
+
 
 def make_engine(url: str, *, pool_size: int = 10, application_name: str = "autogen") -> AsyncEngine:
     """An engine with pre-ping, so a restarted PostgreSQL costs one retry, not an outage."""
@@ -20,7 +27,12 @@ def make_engine(url: str, *, pool_size: int = 10, application_name: str = "autog
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"server_settings": {"application_name": application_name}},
+        pool_timeout=POOL_TIMEOUT_S,
+        connect_args={
+            "server_settings": {"application_name": application_name},
+            "timeout": CONNECT_TIMEOUT_S,
+            "command_timeout": COMMAND_TIMEOUT_S,
+        },
     )
 
 

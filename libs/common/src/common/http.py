@@ -6,12 +6,15 @@ import time
 import uuid
 from typing import Any
 
+import httpx
+from aiokafka.errors import KafkaError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,6 +34,10 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     RedisTimeoutError,
     ConnectionError,
     TimeoutError,
+    # The pool had no connection to give within its timeout (the database is slow or away).
+    PoolTimeoutError,
+    # An outgoing HTTP call (another service, the JWKS) could not connect or timed out.
+    httpx.TransportError,
 )
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{8,128}$")
@@ -129,9 +136,16 @@ class RequestContextMiddleware:
         except Exception as exc:
             if response_started:
                 raise
-            if isinstance(exc, UNAVAILABLE_ERRORS):
+            if is_unavailable(exc):
                 logger.warning("dependency unavailable", extra={"error": repr(exc)[:300]})
                 response = _unavailable()
+            elif _is_unstorable_value(exc):
+                logger.warning("value refused by the database", extra={"error": repr(exc)[:300]})
+                response = problem_response(
+                    422,
+                    "Invalid request",
+                    "a value cannot be stored (e.g. a NUL character or an out-of-range number)",
+                )
             else:
                 logger.error("unhandled error", exc_info=exc)
                 response = _internal_error()
@@ -139,6 +153,26 @@ class RequestContextMiddleware:
         finally:
             request_id_var.reset(token)
             record_request(scope, status, time.perf_counter() - started)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means a dependency is away (503, retry later) rather than a bug (500)."""
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        return True
+    # A connection that died under a query (PostgreSQL restarted): the pool drops it.
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    # Kafka says "try again" (no leader, broker unreachable, request timed out).
+    return isinstance(exc, KafkaError) and bool(getattr(exc, "retriable", False))
+
+
+def _is_unstorable_value(exc: BaseException) -> bool:
+    """PostgreSQL refused a value itself (SQLSTATE class 22, data exception: a NUL character in
+    text, a number out of range): the client's input, so 422, not a 500."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+    return isinstance(state, str) and state.startswith("22")
 
 
 def _header(scope: Scope, name: bytes) -> str:

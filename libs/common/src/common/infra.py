@@ -9,7 +9,7 @@ closes it all in reverse order.
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from faststream.kafka import KafkaBroker
@@ -28,6 +28,10 @@ from common.settings import DatabaseSettings, ServiceSettings
 from common.telemetry import instrument_engine, setup_tracing
 
 logger = logging.getLogger(__name__)
+
+# Each step of closing down (consumers, relay, producer, pools) gets at most this long, so a
+# SIGTERM ends the process within the orchestrator's grace period even when a server is away.
+SHUTDOWN_STEP_S = 5.0
 
 
 @dataclass
@@ -115,14 +119,14 @@ class Infra:
     async def running(self) -> AsyncIterator["Infra"]:
         """Connect, start consumers and the relay; close everything on exit."""
         async with contextlib.AsyncExitStack() as stack:
-            stack.push_async_callback(self._close_redis)
+            stack.push_async_callback(_bounded, "redis", self._close_redis)
             if self.engine is not None:
-                stack.push_async_callback(self.engine.dispose)
+                stack.push_async_callback(_bounded, "database pool", self.engine.dispose)
             await self.broker.start()
-            stack.push_async_callback(self.broker.stop)
+            stack.push_async_callback(_bounded, "kafka broker", self.broker.stop)
             if self.relay is not None:
                 await self.relay.start()
-                stack.push_async_callback(self.relay.stop)
+                stack.push_async_callback(_bounded, "outbox relay producer", self.relay.stop)
                 relay_task = asyncio.create_task(self.relay.run(self._stop), name="outbox-relay")
                 stack.push_async_callback(self._stop_task, relay_task)
             gauges = asyncio.create_task(self._update_gauges(), name="metrics-gauges")
@@ -169,3 +173,13 @@ class Infra:
 
     async def _close_redis(self) -> None:
         await self.redis.aclose()
+
+
+async def _bounded(name: str, close: Callable[[], Awaitable[object]]) -> None:
+    """Run one closing step for at most `SHUTDOWN_STEP_S`; a stuck step is abandoned, logged."""
+    try:
+        await asyncio.wait_for(close(), timeout=SHUTDOWN_STEP_S)
+    except TimeoutError:
+        logger.warning("shutdown: %s did not close within %.0fs", name, SHUTDOWN_STEP_S)
+    except Exception:
+        logger.warning("shutdown: closing %s failed", name, exc_info=True)

@@ -13,8 +13,9 @@ record decides the offset:
 import asyncio
 import base64
 import logging
+import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +44,35 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Aiokafka's per-request timeout (default 40 s): a publish or a metadata fetch against an absent
+# broker fails within this, so callers (a request, the dead-letter path) do not hang.
+REQUEST_TIMEOUT_MS = 10_000
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with jitter: `base_s`, 2x per attempt, at most `cap_s`.
+
+    Equal jitter (half the step fixed, half random): replicas that lost the same dependency
+    spread their retries out, and none retries in a tight loop.
+    """
+
+    base_s: float = 0.5
+    cap_s: float = 10.0
+    attempt: int = 0
+    _rng: random.Random = field(default_factory=random.Random, repr=False)
+
+    def next_delay(self) -> float:
+        """The pause before the next attempt (grows until the cap)."""
+        step = min(self.cap_s, self.base_s * (2 ** min(self.attempt, 30)))
+        self.attempt += 1
+        return step / 2 + self._rng.uniform(0, step / 2)
+
+    def reset(self) -> None:
+        """After a success: the next failure starts from `base_s` again."""
+        self.attempt = 0
+
+
 class PermanentError(Exception):
     """A handler's verdict that this record can never be processed (dead-letter it)."""
 
@@ -66,6 +96,7 @@ def make_broker(
         linger_ms=linger_ms,
         compression_type=None,
         allow_auto_create_topics=False,
+        request_timeout_ms=REQUEST_TIMEOUT_MS,
         middlewares=middlewares,
         logger=logging.getLogger(f"faststream.{client_id}"),
         log_level=logging.DEBUG,
@@ -90,13 +121,17 @@ def subscribe(
     source: str,
     topic_prefix: str = "",
     retry_delay_s: float = 1.0,
+    retry_max_delay_s: float = 15.0,
 ) -> ConsumerStats:
     """Register a consumer of `topic` in consumer group `group_id`; see the module docstring.
 
     `topic_prefix` comes from the service's settings (`kafka_topic_prefix`): test sessions
-    isolate their topics with it, and it applies to the dead-letter topic too.
+    isolate their topics with it, and it applies to the dead-letter topic too. A transient
+    error pauses the consumer for `retry_delay_s`, doubling (with jitter) up to
+    `retry_max_delay_s` while the dependency stays away.
     """
     stats = ConsumerStats()
+    backoff = Backoff(base_s=retry_delay_s, cap_s=max(retry_delay_s, retry_max_delay_s))
     name = topic_prefix + topic.name
     deadletter_topic = topic_prefix + platform.DEADLETTER.name
     handled = KAFKA_CONSUMED.labels(group_id, topic.name, "handled")
@@ -133,12 +168,13 @@ def subscribe(
                 "transient error, will re-read the record",
                 extra={"topic": name, "consumer": group_id, "error": repr(exc)},
             )
-            await asyncio.sleep(retry_delay_s)
+            await asyncio.sleep(backoff.next_delay())
             await msg.nack()
             return
         except Exception as exc:  # noqa: BLE001 - anything not transient is kept, not lost
             await reject(msg, exc)
             return
+        backoff.reset()
         stats.handled += 1
         handled.inc()
         await msg.ack()
