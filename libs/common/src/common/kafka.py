@@ -64,7 +64,7 @@ class Backoff:
 
     def next_delay(self) -> float:
         """The pause before the next attempt (grows until the cap)."""
-        step = min(self.cap_s, self.base_s * (2 ** min(self.attempt, 30)))
+        step = min(self.cap_s, self.base_s * float(2 ** min(self.attempt, 30)))
         self.attempt += 1
         return step / 2 + self._rng.uniform(0, step / 2)
 
