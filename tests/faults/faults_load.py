@@ -36,6 +36,7 @@ class Counts:
     confirmed: int = 0
     failed: int = 0
     failed_without_reason: int = 0
+    refused: int = 0  # commands answered 4xx other than 409 (a conflict with device state)
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -44,7 +45,7 @@ class Counts:
             f"FAULTS {self.case}: lost={self.lost} duplicated={self.duplicated} "
             f"stuck={self.stuck} 5xx={self.errors_5xx} | accepted={self.accepted} "
             f"rollout confirmed={self.confirmed} failed={self.failed} "
-            f"retried_503={self.unavailable}"
+            f"retried_503={self.unavailable} refused={self.refused}"
             + (f" | {'; '.join(self.notes)}" if self.notes else "")
         )
 
@@ -69,6 +70,7 @@ class Load:
         path: str,
         headers: dict[str, str],
         body: Any = None,
+        *,
         key: str | None = None,
         deadline_s: float = 150.0,
     ) -> httpx.Response:
@@ -163,6 +165,8 @@ class Load:
                 self.accepted[response.json()["id"]] = device
         else:
             with self._lock:
+                if response.status_code != 409:
+                    self.counts.refused += 1
                 self.counts.notes.append(f"command refused {response.status_code}")
 
     def wait_sent(self, timeout: float = 200.0) -> None:

@@ -19,7 +19,7 @@ from paho.mqtt.properties import Properties
 
 async def observe(args: argparse.Namespace) -> None:
     """Subscribe and append records until killed; reconnect with a capped backoff."""
-    out = Path(args.out).open("a", buffering=1)  # noqa: SIM115 - open for the process's life
+    out = Path(args.out).open("a", buffering=1)  # noqa: SIM115, ASYNC230 - opened once, for the life of the process
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 3600
     delay = 0.2

@@ -32,6 +32,7 @@ def assert_clean(counts: Counts) -> None:
     assert counts.stuck == 0, counts.line()
     assert counts.errors_5xx == 0, counts.line()
     assert counts.failed_without_reason == 0, counts.line()
+    assert counts.refused == 0, counts.line()
     assert counts.accepted > 0, counts.line()
 
 

@@ -1,0 +1,64 @@
+"""Schema fuzzing of every service's public OpenAPI document through the private nginx.
+
+Schemathesis (CLI, v4) generates requests from each document, authenticated as a dealer (and
+as an admin), and checks that no answer is a 5xx and that every answer matches its documented
+schema. `FAULTS_FUZZ_EXAMPLES` per operation and phase (default 50) and `FAULTS_FUZZ_MIN`
+(default 10000 requests in all; scale both down on a busy machine) set the size.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from faults_harness import SERVICE_PORTS, Platform
+
+EXAMPLES = int(os.environ.get("FAULTS_FUZZ_EXAMPLES", "50"))
+MINIMUM = int(os.environ.get("FAULTS_FUZZ_MIN", "10000"))
+# Services with public operations under /api/v1 (gateway's API is internal, console is HTML).
+PUBLIC = ("tokens", "fleet", "commands", "firmware")
+CHECKS = "not_a_server_error,response_schema_conformance"
+
+
+def fuzz(platform: Platform, service: str, headers: dict[str, str], report: Path) -> dict:
+    """One schemathesis run; returns its JSON report."""
+    port = SERVICE_PORTS[service]
+    argv = [
+        sys.executable, "-m", "schemathesis.cli", "run",
+        f"http://127.0.0.1:{port}/openapi.json",
+        "--url", platform.api.removesuffix("/api/v1"),
+        "-H", f"Authorization: {headers['Authorization']}",
+        "--include-path-regex", "^/api/v1/",
+        "--checks", CHECKS, "-n", str(EXAMPLES), "-w", "2", "--seed", "1",
+        "--request-timeout", "20", "--report", "json", "--report-json-path", str(report),
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=600, check=False, env=platform.stack.env
+    )
+    if not report.exists():
+        pytest.fail(f"schemathesis produced no report: {done.stdout[-3000:]} {done.stderr[-2000:]}")
+    result: dict = json.loads(report.read_text())
+    result["_output"] = done.stdout[-6000:]
+    return result
+
+
+def test_fuzz_every_public_api(platform: Platform) -> None:
+    """Zero 5xx and zero schema mismatches over at least `FAULTS_FUZZ_MIN` requests."""
+    platform.relogin()
+    total = 0
+    failures: list[str] = []
+    for role, headers in (("dealer", platform.dealer_headers), ("admin", platform.admin_headers)):
+        for service in PUBLIC:
+            report = platform.stack.log_dir / f"fuzz-{service}-{role}.json"
+            result = fuzz(platform, service, headers, report)
+            generated = result["test_cases"]["generated"]
+            total += generated
+            if result["test_cases"]["with_failures"] or result["errors"]:
+                failures.append(f"{service} as {role}:\n{result['_output']}")
+            print(f"fuzz {service} as {role}: {generated} requests")  # noqa: T201
+    five = sum(1 for f in failures if "Server error" in f)
+    print(f"FAULTS schema fuzz: requests={total} failing_runs={len(failures)} 5xx_runs={five}")  # noqa: T201
+    assert not failures, "\n\n".join(failures)
+    assert total >= MINIMUM, f"only {total} generated requests (want {MINIMUM})"
