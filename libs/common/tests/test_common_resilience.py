@@ -65,3 +65,10 @@ def test_a_value_postgres_refuses_is_a_422_not_a_500() -> None:
         assert refused.status_code == 422
         assert refused.headers["content-type"] == "application/problem+json"
         assert client.post("/broken").status_code == 500
+
+
+def test_postgres_shutting_down_is_unavailable() -> None:
+    """asyncpg raises this raw while PostgreSQL restarts: a 503, and a consumer retries."""
+    from asyncpg.exceptions import CannotConnectNowError
+
+    assert is_unavailable(CannotConnectNowError("the database system is shutting down"))

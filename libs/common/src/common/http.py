@@ -159,6 +159,12 @@ def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` means a dependency is away (503, retry later) rather than a bug (500)."""
     if isinstance(exc, UNAVAILABLE_ERRORS):
         return True
+    # PostgreSQL connection exceptions (08...) and "shutting down / starting up" (57P...), raised
+    # raw by asyncpg while the pool connects or wrapped by SQLAlchemy.
+    for candidate in (exc, getattr(exc, "orig", None)):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(("08", "57P")):
+            return True
     # A connection that died under a query (PostgreSQL restarted): the pool drops it.
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True

@@ -30,6 +30,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from common.contracts import platform
 from common.contracts.topic import Topic
 from common.events import DataT, Envelope, encode, new_event
+from common.http import is_unavailable
 from common.metrics import KAFKA_CONSUMED
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,12 @@ def subscribe(
             await msg.nack()
             return
         except Exception as exc:  # noqa: BLE001 - anything not transient is kept, not lost
+            if is_unavailable(exc):  # e.g. asyncpg's "the database system is shutting down"
+                stats.retried += 1
+                retried.inc()
+                await asyncio.sleep(backoff.next_delay())
+                await msg.nack()
+                return
             await reject(msg, exc)
             return
         backoff.reset()
