@@ -10,11 +10,13 @@ was made, see `domain.on_ack`). The offsets are committed after the transaction
 """
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy.exc
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -36,6 +38,18 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@asynccontextmanager
+async def _batch(sessions: async_sessionmaker[AsyncSession]) -> AsyncIterator[AsyncSession]:
+    """One transaction for a batch. No free connection in the pool is a wait, not a verdict:
+    it is raised as the builtin `TimeoutError`, which the batch consumer retries instead of
+    dead-lettering the batch."""
+    try:
+        async with transaction(sessions) as session:
+            yield session
+    except sqlalchemy.exc.TimeoutError as exc:
+        raise TimeoutError(str(exc)) from exc
+
+
 @dataclass
 class Progress:
     """The batch use cases, bound to the database and the clock."""
@@ -46,7 +60,7 @@ class Progress:
     async def apply_reports(self, events: Sequence[Envelope[DeviceReport]]) -> None:
         """Devices' acks and OTA progress."""
         reports = [e.data for e in events]
-        async with transaction(self.sessions) as session:
+        async with _batch(self.sessions) as session:
             found = await store.commands_by_id(session, {r.command_id for r in reports})
             cmds = {i: store.to_domain(row) for i, row in found.items()}
             # Read after the locks: a telemetry batch holding them has committed its run state.
@@ -70,7 +84,7 @@ class Progress:
         statuses = [e.data for e in events if e.data.reporter == "gateway"]
         if not statuses:
             return
-        async with transaction(self.sessions) as session:
+        async with _batch(self.sessions) as session:
             found = await store.commands_by_id(session, {s.command_id for s in statuses})
             cmds = {i: store.to_domain(row) for i, row in found.items()}
             now = self.clock()
@@ -88,7 +102,7 @@ class Progress:
         seen = [e.data for e in events if e.data.run_state is not None]
         if not seen:
             return
-        async with transaction(self.sessions) as session:
+        async with _batch(self.sessions) as session:
             rows = await store.active_for_devices(
                 session, {t.device_id for t in seen}, actions=RUN_STATE_ACTIONS
             )
@@ -118,7 +132,7 @@ class Progress:
         returns (see the README, "Offline devices").
         """
         seen = [e.data for e in events]
-        async with transaction(self.sessions) as session:
+        async with _batch(self.sessions) as session:
             rows = await store.active_for_devices(
                 session, {p.device_id for p in seen}, actions=PRESENCE_ACTIONS
             )
@@ -142,7 +156,7 @@ class Progress:
 
     async def apply_fleet_devices(self, events: Sequence[Envelope[FleetDevice]]) -> None:
         """Keep the ownership snapshots for scope checks and release matching."""
-        async with transaction(self.sessions) as session:
+        async with _batch(self.sessions) as session:
             await store.upsert_devices(
                 session,
                 [
@@ -161,7 +175,7 @@ class Progress:
 
     async def apply_releases(self, events: Sequence[Envelope[FirmwareRelease]]) -> None:
         """Keep the releases' artifacts and target variants for OTA requests."""
-        async with transaction(self.sessions) as session:
+        async with _batch(self.sessions) as session:
             await store.upsert_releases(
                 session,
                 [

@@ -217,6 +217,7 @@ def settings_for(stack: StackAddresses, url: str, prefix: str, **extra: Any) -> 
         kafka_topic_prefix=prefix,
         outbox_poll_interval_s=0.05,
         sweep_interval_s=0.2,
+        metrics_interval_s=0.2,
         run_state_window_s=3.0,
         **extra,
     )
