@@ -61,6 +61,7 @@ def register(
             topic_prefix=prefix,
             max_records=settings.telemetry_batch_max,
             batch_timeout_ms=settings.telemetry_batch_timeout_ms,
+            consumers=settings.telemetry_consumers,
         ),
         reports=subscribe_batch(
             broker,

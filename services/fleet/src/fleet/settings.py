@@ -38,5 +38,8 @@ class FleetSettings(DatabaseSettings):
     # Telemetry consumer: records per batch, and how long a poll waits to fill one.
     telemetry_batch_max: int = Field(default=2000, ge=1, le=50000)
     telemetry_batch_timeout_ms: int = Field(default=200, ge=1, le=10000)
+    # Telemetry group members in this process (they split the partitions): one parses its
+    # batch while another waits for the database.
+    telemetry_consumers: int = Field(default=2, ge=1, le=32)
     # Map answers at most this many features (the rest is flagged `truncated`).
     map_max_features: int = Field(default=5000, ge=1, le=100000)
