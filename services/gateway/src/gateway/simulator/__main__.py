@@ -102,14 +102,15 @@ def generated(
     return out
 
 
-def raise_file_limit(needed: int) -> None:
-    """One socket per device: lift the soft open-files limit towards the hard one."""
+def raise_file_limit(needed: int) -> int:
+    """One socket per device: lift the soft open-files limit to the hard one; returns it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < needed:
-        target = hard if hard == resource.RLIM_INFINITY else min(hard, max(needed, soft))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < needed:
-            logger.warning("open files limited to %s for %s devices", target, needed)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logger.warning("open files limited to %s for %s devices", soft, needed)
+    return soft
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -136,6 +137,7 @@ async def run(args: argparse.Namespace) -> int:
         timing=Timing(telemetry_interval_s=args.telemetry_interval).scaled(args.time_factor),
         persistent_sessions=not args.generate,
         seed=args.seed,
+        spread_s=max(2.0, len(specs) / 500),  # about 500 new connections a second at most
     )
     # The telemetry interval is its own knob: undo the factor on it.
     fleet.timing = Timing(

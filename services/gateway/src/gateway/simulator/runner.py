@@ -34,6 +34,19 @@ class Fleet:
     persistent_sessions: bool = True
     malformed_every: int = 5
     seed: int = 1
+    # First connections are spread over this many seconds (a big fleet must not stampede).
+    spread_s: float = 2.0
+    # At most this many CONNECT handshakes at once (each one takes an executor thread in
+    # aiomqtt); the rest wait their turn instead of piling up sockets.
+    max_connecting: int = 50
+    _connecting: asyncio.Semaphore | None = None
+
+    @property
+    def connecting(self) -> asyncio.Semaphore:
+        """The gate every device passes to connect."""
+        if self._connecting is None:
+            self._connecting = asyncio.Semaphore(self.max_connecting)
+        return self._connecting
 
 
 @dataclass
@@ -88,7 +101,7 @@ class SimulatedDevice:
         """Live until `stop`: connect, and reconnect after every reboot, OTA or failure."""
         delay = 1.0
         # Spread the fleet's first connections over a few seconds.
-        await asyncio.sleep(self.rng.uniform(0, 2.0))
+        await asyncio.sleep(self.rng.uniform(0, self.fleet.spread_s))
         while not stop.is_set():
             offline = _Offline(seconds=delay, announce=False)
             try:
@@ -109,7 +122,9 @@ class SimulatedDevice:
         loop = asyncio.get_running_loop()
         self._leave = loop.create_future()
         client = self._client()
-        async with client:
+        async with contextlib.AsyncExitStack() as session:
+            async with self.fleet.connecting:
+                await session.enter_async_context(client)
             await client.subscribe(f"{self.topic}/down/command", qos=1)
             await self._publish(client, "status", self.state.status("online", _now()), retain=True)
             self.online.set()
