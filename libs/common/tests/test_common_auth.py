@@ -1,6 +1,8 @@
 """Scope rules and the internal JWT every service trusts."""
 
+import asyncio
 import time
+from collections.abc import Callable, Iterator
 
 import httpx
 import jwt
@@ -132,6 +134,64 @@ async def test_verifier_refetches_jwks_when_keys_rotate() -> None:
         assert await verifier.verify(old.token(DEALER_A)) == DEALER_A  # old kid still valid
     finally:
         httpx.AsyncClient = original  # type: ignore[misc]
+
+
+@pytest.fixture
+def serve_jwks() -> Iterator[Callable[[Callable[[httpx.Request], httpx.Response]], None]]:
+    """Route the verifier's JWKS fetches to a handler (async, so fetches can be slow)."""
+    original = httpx.AsyncClient
+
+    def install(handler: Callable[[httpx.Request], httpx.Response]) -> None:
+        async def slow(request: httpx.Request) -> httpx.Response:
+            await asyncio.sleep(0.05)  # a fetch takes a while: requests pile up behind it
+            return handler(request)
+
+        class Client(original):  # type: ignore[misc, valid-type]
+            def __init__(self, **kwargs: object) -> None:
+                super().__init__(transport=httpx.MockTransport(slow))
+
+        httpx.AsyncClient = Client  # type: ignore[misc]
+
+    yield install
+    httpx.AsyncClient = original  # type: ignore[misc]
+
+
+async def test_concurrent_first_requests_all_verify_with_one_fetch(
+    serve_jwks: Callable[[Callable[[httpx.Request], httpx.Response]], None],
+) -> None:
+    # A service just started: the first burst of requests must not get 401 while the one
+    # JWKS fetch is in flight.
+    issuer = TestIssuer()
+    fetches = 0
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        nonlocal fetches
+        fetches += 1
+        return httpx.Response(200, json=issuer.jwks)
+
+    serve_jwks(endpoint)
+    verifier = InternalTokenVerifier(jwks_url="http://tokens/.well-known/jwks.json")
+    results = await asyncio.gather(*(verifier.verify(issuer.token(DEALER_A)) for _ in range(8)))
+    assert results == [DEALER_A] * 8
+    assert fetches == 1
+
+
+async def test_a_failed_fetch_is_retried_soon_not_after_the_interval(
+    serve_jwks: Callable[[Callable[[httpx.Request], httpx.Response]], None],
+) -> None:
+    issuer = TestIssuer()
+    up = False
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=issuer.jwks) if up else httpx.Response(503)
+
+    serve_jwks(endpoint)
+    verifier = InternalTokenVerifier(jwks_url="http://tokens/.well-known/jwks.json")
+    with pytest.raises(httpx.HTTPStatusError):  # tokens down: an error, not a 401
+        await verifier.verify(issuer.token(DEALER_A))
+    up = True
+    verifier._failed_at -= 1.0  # the short retry delay has passed (30 s interval has not)
+    assert await verifier.verify(issuer.token(DEALER_A)) == DEALER_A
 
 
 async def test_route_dependency_answers_401_problem_without_a_valid_token() -> None:

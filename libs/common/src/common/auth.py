@@ -11,6 +11,7 @@ trusts a bare header. Scope rules live here once, so every service applies the s
   to devices sees only those devices.
 """
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -146,6 +147,9 @@ class AuthError(Exception):
     """The internal token is missing, malformed, expired or not signed by a known key."""
 
 
+_RETRY_AFTER_FAILURE_S = 1.0
+
+
 class InternalTokenVerifier:
     """Verifies internal JWTs against the tokens service's keys (JWKS, refreshed on rotation)."""
 
@@ -164,6 +168,10 @@ class InternalTokenVerifier:
         self._refresh_interval_s = refresh_interval_s
         self._leeway_s = leeway_s
         self._fetched_at = float("-inf")
+        self._failed_at = float("-inf")
+        # One fetch at a time: requests arriving during a fetch wait for its keys instead of
+        # seeing "fetched just now", skipping the fetch and answering 401.
+        self._refreshing = asyncio.Lock()
 
     async def verify(self, token: str) -> Principal:
         """The principal in `token`; raises `AuthError` for anything not valid."""
@@ -189,23 +197,38 @@ class InternalTokenVerifier:
             raise AuthError(f"invalid internal token: {exc}") from exc
 
     async def _key(self, kid: str) -> PyJWK:
-        # An unknown kid means the keys rotated: refetch, but not more than once a while.
-        stale = time.monotonic() - self._fetched_at >= self._refresh_interval_s
-        if kid not in self._keys and self._jwks_url is not None and stale:
-            await self.refresh()
+        # An unknown kid means the keys rotated (or none were fetched yet): refetch, but not
+        # more than once a while, so forged kids cannot make us hammer the tokens service.
+        if kid not in self._keys and self._jwks_url is not None:
+            async with self._refreshing:
+                if kid not in self._keys and self._may_refresh():
+                    await self.refresh()
         if kid not in self._keys:
             raise AuthError("internal token signed by an unknown key")
         return self._keys[kid]
 
+    def _may_refresh(self) -> bool:
+        now = time.monotonic()
+        # After a failed fetch (tokens service down) retry soon, not after the full interval.
+        return (
+            now - self._fetched_at >= self._refresh_interval_s
+            and now - self._failed_at >= _RETRY_AFTER_FAILURE_S
+        )
+
     async def refresh(self) -> None:
-        """Fetch the JWKS now."""
+        """Fetch the JWKS now (errors propagate: the caller answers 503, not 401)."""
         if self._jwks_url is None:
             return
+        try:
+            async with httpx.AsyncClient(timeout=3.0) as client:
+                response = await client.get(self._jwks_url)
+                response.raise_for_status()
+            keys = _index(response.json())
+        except Exception:
+            self._failed_at = time.monotonic()
+            raise
+        self._keys = keys
         self._fetched_at = time.monotonic()
-        async with httpx.AsyncClient(timeout=3.0) as client:
-            response = await client.get(self._jwks_url)
-            response.raise_for_status()
-        self._keys = _index(response.json())
 
 
 def _index(jwks: Mapping[str, Any]) -> dict[str, PyJWK]:
