@@ -95,7 +95,7 @@ class Bridge:
         self._pending: list[_Uplink] = []
         self._unacked = 0  # accepted, not yet acknowledged by Kafka
         self._wake = asyncio.Event()
-        self._urgent = False
+        self._urgent = asyncio.Event()  # presence or a report is pending: no linger
         self._hashes: dict[bytes, int] = {}  # key -> murmur2, as the default partitioner does
         self.online: set[str] = set()  # devices whose latest status seen here is `online`
 
@@ -212,7 +212,7 @@ class Bridge:
             if contract is device.PRESENCE:
                 self._presence(verdict.device_id, verdict.data.state)
             if contract is not device.TELEMETRY:
-                self._urgent = True
+                self._urgent.set()
             value = protocol.encode_event(
                 contract.event_type, SOURCE, verdict.device_id, verdict.data, now
             )
@@ -262,10 +262,12 @@ class Bridge:
         linger_s = self._settings.uplink_linger_ms / 1000
         while True:
             await self._wake.wait()
-            if linger_s and not self._urgent:
-                await asyncio.sleep(linger_s)  # only telemetry is pending: fill the batch
+            if linger_s and not self._urgent.is_set():
+                # Only telemetry is pending: fill the batch, unless a report comes meanwhile.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), linger_s)
             self._wake.clear()
-            self._urgent = False
+            self._urgent.clear()
             pending, self._pending = self._pending, []
             if pending:
                 await self._produce(pending)
