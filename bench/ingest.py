@@ -35,6 +35,7 @@ from common.testing.stack import (
     StackAddresses,
     create_database,
     create_topics,
+    delete_topics_with_prefix,
     drop_database,
     load_stack_env,
 )
@@ -445,6 +446,7 @@ async def main() -> int:
             for device_id, _ in devices:
                 await admin.remove_device(device_id)
             await drop_database(stack.pg_admin_url, db_name)
+            await delete_topics_with_prefix(stack.kafka_bootstrap_servers, prefix)
     results = [
         metric(
             "raw_aiomqtt_msgs_per_s", aio_rate, "msg/s", sub_rate, "raw broker -> mosquitto_sub"

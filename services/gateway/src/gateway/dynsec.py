@@ -12,7 +12,7 @@ import logging
 import uuid
 from typing import Any
 
-import aiomqtt
+from gateway.mqtt import ConnectOptions, MqttConnection
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class DynsecAdmin:
         self._host, self._port = host, port
         self._username, self._password = username, password
         self._client_id = client_id
-        self._client: aiomqtt.Client | None = None
+        self._client: MqttConnection | None = None
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._lock = asyncio.Lock()
         self.ready = asyncio.Event()
@@ -58,45 +58,59 @@ class DynsecAdmin:
         """Keep the admin session connected (reconnecting with backoff) until `stop`."""
         delay = 0.5
         while not stop.is_set():
+            conn: MqttConnection | None = None
             try:
-                async with aiomqtt.Client(
-                    self._host,
-                    self._port,
-                    username=self._username,
-                    password=self._password,
-                    identifier=self._client_id,
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                ) as client:
-                    await client.subscribe(RESPONSE_TOPIC, qos=1)
-                    self._client = client
-                    self.ready.set()
-                    delay = 0.5
-                    reader = asyncio.create_task(self._read(client))
-                    stopping = asyncio.create_task(stop.wait())
-                    await asyncio.wait({reader, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                conn = await MqttConnection.open(
+                    ConnectOptions(
+                        host=self._host,
+                        port=self._port,
+                        client_id=self._client_id,
+                        username=self._username,
+                        password=self._password,
+                        session_expiry_s=0,
+                        receive_maximum=100,
+                        max_packet_bytes=16 * 1024 * 1024,
+                        clean_start=True,
+                    ),
+                    self._on_answer,
+                )
+                await asyncio.wait_for(conn.subscribe(RESPONSE_TOPIC, qos=1), timeout=10)
+                self._client = conn
+                self.ready.set()
+                delay = 0.5
+                stopping: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({conn.closed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
                     stopping.cancel()
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await reader
-            except aiomqtt.MqttError as exc:
-                logger.warning("dynsec admin session lost", extra={"error": str(exc)})
+                if stop.is_set():
+                    await conn.disconnect()
+                else:
+                    logger.warning("dynsec admin session lost")
+            except (OSError, TimeoutError) as exc:  # MqttError is a ConnectionError
+                logger.warning("dynsec admin session failed", extra={"error": repr(exc)})
             finally:
                 self._client = None
                 self.ready.clear()
+                if conn is not None:
+                    conn.abort()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             delay = min(delay * 2, 10.0)
 
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            try:
-                answers = json.loads(message.payload).get("responses", [])
-            except (ValueError, TypeError, AttributeError):
-                continue
-            for answer in answers:
-                future = self._pending.pop(str(answer.get("correlationData")), None)
-                if future is not None and not future.done():
-                    future.set_result(answer)
+    def _on_answer(
+        self, conn: MqttConnection, _topic: str, payload: bytes, packet_id: int, qos: int
+    ) -> None:
+        if qos:
+            conn.puback((packet_id,))
+        try:
+            answers = json.loads(payload).get("responses", [])
+        except (ValueError, TypeError, AttributeError):
+            return
+        for answer in answers:
+            future = self._pending.pop(str(answer.get("correlationData")), None)
+            if future is not None and not future.done():
+                future.set_result(answer)
 
     async def execute(
         self, commands: list[dict[str, Any]], *, timeout_s: float = 10.0
@@ -116,7 +130,7 @@ class DynsecAdmin:
             tagged.append({**command, "correlationData": tag})
         try:
             async with self._lock:
-                await client.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
+                await client.publish(CONTROL_TOPIC, json.dumps({"commands": tagged}).encode())
             async with asyncio.timeout(timeout_s):
                 return list(await asyncio.gather(*futures))
         except TimeoutError as exc:
