@@ -50,7 +50,10 @@ def create_app(
         sessions=infra.sessions,
         run_state_window=timedelta(seconds=settings.run_state_window_s),
     )
-    progress = Progress(sessions=infra.sessions)
+    progress = Progress(
+        sessions=infra.sessions,
+        device_batch_interval_s=settings.device_batch_interval_ms / 1000,
+    )
     stats = consumers.register(infra.broker, service, progress, settings)
     sessions = infra.sessions
 

@@ -32,6 +32,8 @@ class CommandsSettings(DatabaseSettings):
     batch_max_records: int = Field(default=500, ge=1, le=10_000)
     batch_wait_ms: int = Field(default=20, ge=1, le=5000)
     projection_batch_wait_ms: int = Field(default=200, ge=1, le=5000)
+    # Telemetry and presence batches start at most this often (larger batches, less work).
+    device_batch_interval_ms: int = Field(default=100, ge=0, le=5000)
     # The relay publishes a batch it holds at once (it appends all of it before the producer
     # sends), so lingering only adds latency to every command.
     kafka_linger_ms: int = Field(default=0, ge=0, le=1000)
