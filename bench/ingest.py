@@ -8,7 +8,13 @@ One run, same publishers (`mosquitto_pub -l`, one per simulated device account) 
 Then the gateway's RSS with 10,000 simulated devices connected (`python -m gateway.simulator
 --generate`, one process). Needs the local stack. Not a test: nothing here asserts a time.
 A running `gateway` service also receives the bench's uplinks (it subscribes to every device):
-stop it (`deploy/local/services stop gateway`) for clean figures.
+stop it (`deploy/local/services stop gateway`) for clean figures. Wall-clock rates depend on
+what else runs; the CPU seconds per message of the gateway process and of the aiomqtt
+subscriber (the bench process while it only receives) do not, so both are printed.
+
+One run (2 shared cores, load 5-15, 60,000 messages): mosquitto_sub 24,046 msg/s; raw aiomqtt
+2,613 msg/s (203 us CPU/msg); gateway 3,589 msg/s, 0 lost (59 us CPU/msg: 1.37x aiomqtt,
+3.46x per CPU second); gateway RSS 148 MB idle, 149 MB with 9,996 simulated devices.
 """
 
 import argparse
