@@ -451,8 +451,10 @@ async def main() -> int:
                     proc.wait(timeout=20)
             for device_id, _ in devices:
                 await admin.remove_device(device_id)
-            await drop_database(stack.pg_admin_url, db_name)
-            await delete_topics_with_prefix(stack.kafka_bootstrap_servers, prefix)
+            await asyncio.gather(
+                drop_database(stack.pg_admin_url, db_name),
+                delete_topics_with_prefix(stack.kafka_bootstrap_servers, prefix),
+            )
     results = [
         metric(
             "raw_aiomqtt_msgs_per_s", aio_rate, "msg/s", sub_rate, "raw broker -> mosquitto_sub"
