@@ -192,6 +192,23 @@ async def test_another_process_commit_wakes_the_relay_through_notify(
         await engine.dispose()
 
 
+async def test_a_commit_on_a_bare_connection_wakes_the_relay_of_its_process(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData(), wake_relay=True)
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            async with engine.begin() as conn:  # no session, so only NOTIFY can wake
+                event = new_event(type=PINGS.event_type, data=Ping(n=5), source="test")
+                await add_event(conn, table, PINGS, event)
+            await _eventually(lambda: run.received(5))
+            assert run.relay.stats.wakeups >= 1
+    finally:
+        await engine.dispose()
+
+
 async def test_a_table_without_wake_relay_waits_for_the_poll(
     stack: StackAddresses, world: tuple[str, str]
 ) -> None:

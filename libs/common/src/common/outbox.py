@@ -113,14 +113,19 @@ async def add_event(
     )
     if not outbox.info.get("wake_relay"):
         return
+    # A session wakes this process's relays itself after the commit (so their LISTEN skips the
+    # NOTIFY with this process's token); a bare connection has no such hook: every relay
+    # listening, this process's too, takes its NOTIFY.
+    payload = ""
     if isinstance(session, AsyncSession):
         info = session.info
         info.setdefault(_WRITTEN, set()).add(outbox.fullname)
         if outbox.fullname in info.setdefault(_NOTIFIED, set()):
             return
         info[_NOTIFIED].add(outbox.fullname)
+        payload = _PROCESS_TOKEN
     # Queued by PostgreSQL until the commit, dropped by a rollback: exactly "events committed".
-    await session.execute(select(func.pg_notify(notify_channel(outbox), _PROCESS_TOKEN)))
+    await session.execute(select(func.pg_notify(notify_channel(outbox), payload)))
 
 
 @event.listens_for(Session, "after_commit")
