@@ -212,16 +212,24 @@ async def raw_round_trips(
 
 
 class StatusWatch:
-    """`succeeded` statuses on `command.status.v1`, as the commands service publishes them: the
-    signal to GET a command once, instead of polling every command (a poll per command every
-    few ms costs the service more CPU than the commands themselves on a small machine)."""
+    """What the commands service and the gateway publish about each command, with the time this
+    process saw it: `command.dispatch.v1` (the commands service's relay published it),
+    the gateway's `sent` (its MQTT publish was acknowledged by the broker) and `succeeded`
+    (the commands service committed the device's ack). `succeeded` is the signal to GET a
+    command once, instead of polling every command (a poll per command every few ms costs the
+    service more CPU than the commands themselves on a small machine); the others show where
+    the time goes."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    STAGES = ("dispatched", "sent", "succeeded")
+
+    def __init__(self, bootstrap: str, prefix: str) -> None:
         self._consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None,
+            prefix + commands.DISPATCH.name, prefix + commands.STATUS.name,
+            bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None,
             fetch_max_wait_ms=50,
         )  # fmt: skip
         self._done: dict[str, asyncio.Event] = {}
+        self.seen: dict[str, dict[str, float]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "StatusWatch":
@@ -240,8 +248,15 @@ class StatusWatch:
 
     async def _read(self) -> None:
         async for record in self._consumer:
+            at = time.perf_counter()
             data = json.loads(record.value or b"{}").get("data", {})
-            if data.get("status") == "succeeded" and data.get("reporter") == "commands":
+            stages = self.seen.setdefault(data.get("command_id", ""), {})
+            if record.topic.endswith(commands.DISPATCH.name):
+                stages.setdefault("dispatched", at)
+            elif data.get("reporter") == "gateway" and data.get("status") == "sent":
+                stages.setdefault("sent", at)
+            elif data.get("reporter") == "commands" and data.get("status") == "succeeded":
+                stages.setdefault("succeeded", at)
                 self._event(data["command_id"]).set()
 
     async def succeeded(self, command_id: str, within_s: float) -> bool:
@@ -251,6 +266,21 @@ class StatusWatch:
         except TimeoutError:
             return False
         return True
+
+    def stages(self, started: dict[str, float]) -> str:
+        """p50/p99 of each stage's time after the POST, over the commands in `started`."""
+        parts = []
+        for stage in self.STAGES:
+            times = [
+                (self.seen[c][stage] - t0) * 1000
+                for c, t0 in started.items()
+                if stage in self.seen.get(c, {})
+            ]
+            parts.append(
+                f"{stage} p50 {pct(times, 0.5):.0f} / p99 {pct(times, 0.99):.0f} ms "
+                f"({len(times)} of {len(started)})"
+            )
+        return "; ".join(parts)
 
 
 async def platform_round_trips(
@@ -273,11 +303,13 @@ async def platform_round_trips(
                     outcomes[f"POST {r.status_code}"] = outcomes.get(f"POST {r.status_code}", 0) + 1
                     return None
                 command_id = r.json()["id"]
+                started[command_id] = t0
                 while time.perf_counter() < t0 + 10:
                     # The status event follows the commit that made the command `succeeded`,
                     # so the GET after it shows it (the wait adds the event's few ms to the
                     # figure: it errs on the slow side).
-                    await watch.succeeded(command_id, max(0.0, t0 + 10 - time.perf_counter()))
+                    if not await watch.succeeded(command_id, t0 + 10 - time.perf_counter()):
+                        break
                     got = await http.get(f"/commands/{command_id}", headers=headers)
                     if got.json()["status"] == "succeeded":
                         return (time.perf_counter() - t0) * 1000
@@ -288,11 +320,13 @@ async def platform_round_trips(
             outcomes["not succeeded in 10 s"] = outcomes.get("not succeeded in 10 s", 0) + 1
             return None
 
+        started: dict[str, float] = {}
         try:
             return await paced(rate, seconds, one)
         finally:
             if outcomes:
                 print(f"  failures: {outcomes}", flush=True)
+            print(f"  after the POST, seen on Kafka: {watch.stages(started)}", flush=True)
 
 
 async def wait_known(base: str, issuer: TestIssuer, ids: list[str]) -> None:
@@ -453,9 +487,7 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                     print(f"  {online} of {args.devices} devices online", flush=True)
                     base = f"http://127.0.0.1:{cmd_port}/api/v1"
                     await wait_known(base, issuer, ids)
-                    watch = StatusWatch(
-                        stack.kafka_bootstrap_servers, prefix + commands.STATUS.name
-                    )
+                    watch = StatusWatch(stack.kafka_bootstrap_servers, prefix)
                     async with watch:
                         # Warm-up: connections, consumer groups, caches (not measured).
                         await platform_round_trips(
