@@ -5,9 +5,10 @@ serve`, shipped rate-limit settings). One device publishes about 1,000 messages 
 QoS 1 for `FLOOD_S` seconds, malformed JSON and (every tenth) payloads over 16 KB, through
 `mosquitto_pub -l`; meanwhile 100 well-behaved devices (aiomqtt) each send `PER_DEVICE`
 telemetry messages. Checked with counts: every good message is on the telemetry topic, every
-flood message was either dead-lettered or dropped by the per-device rate limit (the gateway's
-Prometheus counters and the dead-letter topic agree), and the gateway's RSS (from
-/proc/<pid>/status, sampled through the flood) stays under a generous bound.
+flood message was either dead-lettered or dropped by the per-device rate limit (the dead-letter
+topic, keyed by device, and the gateway's Prometheus drop counter add up to at least the flood;
+the counter is per gateway, so other devices on the shared broker can add to it), and the
+gateway's RSS (from /proc/<pid>/status, sampled through the flood) stays under a generous bound.
 """
 
 import asyncio
@@ -273,7 +274,10 @@ async def test_flooding_device_is_contained_and_others_lose_nothing(  # noqa: PL
             )
             assert lost == 0, f"{lost} good messages lost"
             assert flood_leaked == 0
-            assert dead + dropped == sent, (dead, dropped, sent)
+            # The drop counter is per gateway, not per device, and this gateway also sees any
+            # other device publishing on the shared broker meanwhile: a lower bound, then.
+            assert dead + dropped >= sent, (dead, dropped, sent)
+            assert dead < sent / 5, "the rate limit let most of the flood through"
             assert dead_counted >= dead  # the counter agrees with the topic (others may add)
             assert dropped > 0, "the rate limit never engaged"
             assert peak_mb < RSS_BOUND_MB, f"gateway RSS peaked at {peak_mb:.0f} MB"
