@@ -17,14 +17,22 @@ and the tokens service's auth_request, whose cost `bench/verify.py` measures).
 Needs the local stack (`deploy/local/stack start`). Bounded: N devices, rate x seconds
 commands per measurement. Prints readable lines, then one JSON line per metric.
 
-Figures here (2 cores shared with the whole stack and other benchmarks, load average 4-9):
-raw MQTT round trip p50 47 ms / p99 59 ms at 10/s; the project's path with 50 devices at 5/s
-p50 316 ms / p99 1.8 s; with 1,000 devices at 10/s p50 9.0 s / p99 15 s (55 of 150 not done
-in 10 s), and at 50/s nothing completed within 10 s: far from the 15 / 50 ms target. Not
-profiled to the end; the suspect is every consumer on the path handling one record at a time
-(a transaction plus a synchronous offset commit per record, in the commands service's report,
-telemetry and presence consumers, which also receive the whole broker's traffic through the
-bench's gateway), so the report consumer queues behind itself under load.
+`succeeded` is taken from the status event the commands service publishes (then one GET
+confirms it), not by polling every command: polls every few ms per command cost the service
+more CPU than the commands on a 2-core machine and made it slower than what it measured. The
+platform phase also prints, per stage, when the dispatch reached Kafka, when the gateway said
+`sent` and when `succeeded` was published, after the POST: where the time goes.
+
+Figures (2 cores shared with the stack and other engineers' benchmarks, load average 6-18,
+2026-11-25; not a quiet machine): 200 devices at 20/s: raw MQTT p50 77 ms / p99 164 ms, the
+project's path p50 9.6 s / p99 10.6 s with 132 of 200 not done in 10 s. 1,000 devices at
+50/s: raw p50 293 ms / p99 857 ms; the project's path: 13 of 500 done, 35 POSTs 503 (the
+service's connection pool exhausted while its transactions waited for a CPU-starved
+process), sampled commands still `queued` after 10 s; the gateway's dispatch consumer logged
+"MQTT publish not acknowledged within 10.0s". A second 1,000-device run: dispatches reached
+Kafka p50 5.5 s after the POST, the gateway said `sent` for none of them within 10 s, and the
+broker (Mosquitto at ~50 % CPU) timed out the raw baseline's own publishes. Far from the
+15 / 50 ms target; to be re-measured on a quiet machine.
 """
 
 import argparse
@@ -199,11 +207,11 @@ async def raw_round_trips(
             future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
             waiting[command_id] = future
             t0 = time.perf_counter()
-            await client.publish(f"devices/{device_id}/down/command", payload, qos=1)
             try:
+                await client.publish(f"devices/{device_id}/down/command", payload, qos=1)
                 return (await asyncio.wait_for(future, 10) - t0) * 1000
-            except TimeoutError:
-                return None
+            except (TimeoutError, aiomqtt.MqttError):
+                return None  # counted as lost (a broker too busy to acknowledge in time)
 
         try:
             return await paced(rate, seconds, one)
