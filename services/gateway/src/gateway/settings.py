@@ -40,10 +40,10 @@ class GatewaySettings(DatabaseSettings):
     mqtt_session_expiry_s: int = Field(default=3600, ge=0)
     # Un-acked messages the broker may have in flight to us (MQTT v5 Receive Maximum); the
     # gateway acks only after Kafka has the event, so this is its pipeline depth: throughput is
-    # at most this many messages per Kafka acks=all round trip, which is slow on a loaded
-    # 2-core box (with 2,000 the gateway sat idle 75% of a benchmark run, waiting on acks).
-    # Costs under 1 KB per message in flight, only while Kafka lags.
-    mqtt_receive_maximum: int = Field(default=10_000, ge=1, le=65535)
+    # at most this many messages per Kafka acks=all round trip. 10,000 did not measurably help
+    # on the loaded 2-core box (the limit there is CPU shared with Kafka), and left a bigger
+    # heap after bursts; under 1 KB per message in flight, only while Kafka lags.
+    mqtt_receive_maximum: int = Field(default=2000, ge=1, le=65535)
     mqtt_keepalive_s: int = Field(default=30, ge=5)
     mqtt_subscribe_timeout_s: float = Field(default=120.0, gt=0)
     mqtt_reconnect_max_s: float = Field(default=10.0, gt=0)
