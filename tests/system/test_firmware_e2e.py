@@ -38,6 +38,7 @@ from common.db import make_engine
 from common.testing.auth import TestIssuer
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
+from gateway.dynsec import DynsecAdmin
 from gateway.testing import Broker, admin_session, bridge_account
 
 # Four services, twenty devices and their broker accounts take minutes on a busy 2-core box.
@@ -303,6 +304,46 @@ FLEET: dict[str, list[DeviceSpec]] = {
 }
 
 
+async def receive_only(admin: DynsecAdmin, share_group: str, device_ids: list[str]) -> None:
+    """Narrow this run's bridge account to its own devices' uplinks.
+
+    A gateway's shared subscription receives every device of the broker, so another run's
+    load devices (a benchmark's flood) would queue ahead of ours and stall the command
+    publishes of this module's gateway past the OTA deadlines. The broker checks
+    `publishClientReceive` on every delivery: deny all uplinks, allow ours (higher priority).
+    """
+    role = f"bridge:{share_group}"
+    commands: list[dict[str, Any]] = [
+        {
+            "command": "removeRoleACL",
+            "rolename": role,
+            "acltype": "publishClientReceive",
+            "topic": "devices/+/up/#",
+        },
+        {
+            "command": "addRoleACL",
+            "rolename": role,
+            "acltype": "publishClientReceive",
+            "topic": "devices/+/up/#",
+            "allow": False,
+            "priority": 0,
+        },
+    ]
+    commands += [
+        {
+            "command": "addRoleACL",
+            "rolename": role,
+            "acltype": "publishClientReceive",
+            "topic": f"devices/{device_id}/up/#",
+            "allow": True,
+            "priority": 10,
+        }
+        for device_id in device_ids
+    ]
+    for answer in await admin.execute(commands):
+        assert not answer.get("error"), answer
+
+
 @pytest.fixture(scope="module")
 async def world(  # noqa: PLR0915 - one linear setup of a small world
     stack: StackAddresses,
@@ -324,8 +365,14 @@ async def world(  # noqa: PLR0915 - one linear setup of a small world
     services: list[Service] = []
     simulator: subprocess.Popen[bytes] | None = None
     device_ids: list[str] = []
+    todo = [
+        (f"FWE{tag}-{group}-{i}", f"fwe-{group[0]}-{tag}", group, spec)
+        for group, specs in FLEET.items()
+        for i, spec in enumerate(specs)
+    ]  # a dealer per group's first letter
     async with admin_session(broker) as admin, bridge_account(admin) as account:
         try:
+            await receive_only(admin, account.share_group, [one[0] for one in todo])
             with jwks_server(issuer) as jwks_url:
                 common = {**os.environ, "AUTOGEN_LOG_LEVEL": "WARNING"}
                 envs = {
@@ -378,11 +425,6 @@ async def world(  # noqa: PLR0915 - one linear setup of a small world
                 await http["gateway"].get(
                     "/internal/v1/devices/none/credentials", headers=issuer.headers(ADMIN)
                 )
-                todo = [
-                    (f"FWE{tag}-{group}-{i}", f"fwe-{group[0]}-{tag}", group, spec)
-                    for group, specs in FLEET.items()
-                    for i, spec in enumerate(specs)
-                ]  # a dealer per group's first letter
                 rows = await asyncio.gather(*(world.register(*one) for one in todo))
                 device_ids += [row["id"] for row in rows]
                 faults: dict[str, list[str]] = {}
