@@ -160,6 +160,8 @@ class InternalTokenVerifier:
         jwks: Mapping[str, Any] | None = None,
         refresh_interval_s: float = 30.0,
         leeway_s: float = 5.0,
+        cache_ttl_s: float = 30.0,
+        cache_size: int = 4096,
     ) -> None:
         if jwks_url is None and jwks is None:
             raise ValueError("give jwks_url or a static jwks")
@@ -172,9 +174,28 @@ class InternalTokenVerifier:
         # One fetch at a time: requests arriving during a fetch wait for its keys instead of
         # seeing "fetched just now", skipping the fetch and answering 401.
         self._refreshing = asyncio.Lock()
+        # Verified tokens, by the whole token, until min(its exp, cache_ttl_s from now): the
+        # tokens service reuses an internal JWT for half its life, and an ES256 check is the
+        # biggest fixed cost of a request. 0 turns it off.
+        self._cache_ttl_s = cache_ttl_s
+        self._cache_size = cache_size
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     async def verify(self, token: str) -> Principal:
         """The principal in `token`; raises `AuthError` for anything not valid."""
+        cached = self._verified.get(token)
+        if cached is not None:
+            if time.time() < cached[1]:
+                return cached[0]
+            del self._verified[token]
+        principal, expires_at = await self._verify(token)
+        if self._cache_ttl_s > 0:
+            if len(self._verified) >= self._cache_size:
+                del self._verified[next(iter(self._verified))]  # the oldest entry
+            self._verified[token] = (principal, min(expires_at, time.time() + self._cache_ttl_s))
+        return principal
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError as exc:
@@ -192,7 +213,7 @@ class InternalTokenVerifier:
                 leeway=self._leeway_s,
                 options={"require": ["exp", "iat", "sub", "aud", "iss"]},
             )
-            return principal_from_claims(claims)
+            return principal_from_claims(claims), float(claims["exp"])
         except (jwt.PyJWTError, KeyError, ValueError) as exc:
             raise AuthError(f"invalid internal token: {exc}") from exc
 

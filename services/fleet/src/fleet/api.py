@@ -138,10 +138,13 @@ def device_out(device: Device, rules: AttentionRules, now: datetime) -> DeviceOu
 
 
 def build_router(
-    *, sessions: handlers.Sessions, rules: AttentionRules, issuer: CredentialsIssuer,
-    map_limit: int,
+    *, sessions: handlers.Sessions, reads: handlers.Sessions, rules: AttentionRules,
+    issuer: CredentialsIssuer, map_limit: int,
 ) -> APIRouter:  # fmt: skip
-    """The `/api/v1` routes, bound to the service's sessions, rules and gateway client."""
+    """The `/api/v1` routes, bound to the service's sessions, rules and gateway client.
+
+    `reads` serve the GET routes (single statements, no transaction); `sessions` the writes.
+    """
     router = APIRouter(prefix="/api/v1", tags=["devices"])
 
     def out(device: Device) -> DeviceOut:
@@ -162,7 +165,7 @@ def build_router(
         if model is not None and model not in MODELS:
             raise InvalidInputError("model", f"unknown model; one of {', '.join(MODELS)}")
         items, more = await handlers.search_devices(
-            sessions,
+            reads,
             principal,
             q=q.strip() if q and q.strip() else None,
             connection=connection,
@@ -177,12 +180,12 @@ def build_router(
     @router.get("/devices/{device_id}")
     async def get_device(principal: CurrentPrincipal, device_id: str) -> DeviceOut:
         """One device in the caller's scope (404 otherwise)."""
-        return out(await handlers.read_device(sessions, principal, device_id))
+        return out(await handlers.read_device(reads, principal, device_id))
 
     @router.get("/devices/{device_id}/positions")
     async def get_positions(principal: CurrentPrincipal, device_id: str) -> PositionsOut:
         """The device's recent positions (a short history), newest first."""
-        found = await handlers.recent_positions(sessions, principal, device_id)
+        found = await handlers.recent_positions(reads, principal, device_id)
         return PositionsOut(items=[Position(lat=a, lon=o, at=t) for a, o, t in found])
 
     @router.post("/devices", status_code=201)
@@ -242,7 +245,7 @@ def build_router(
     ) -> dict[str, Any]:
         """GeoJSON FeatureCollection of GPS devices in scope inside the bbox."""
         box = parse_bbox(bbox)
-        found, truncated = await handlers.map_devices(sessions, principal, box, limit=map_limit)
+        found, truncated = await handlers.map_devices(reads, principal, box, limit=map_limit)
         now = datetime.now(UTC)
         features = [
             {

@@ -7,8 +7,10 @@ from datetime import timedelta
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from opentelemetry.sdk.trace import SpanProcessor
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from common.auth import InternalTokenVerifier
+from common.db import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, POOL_TIMEOUT_S, make_sessionmaker
 from common.health import health_router
 from common.http import install_http_conventions, problem_response
 from common.infra import Infra
@@ -31,6 +33,30 @@ def attention_rules(settings: FleetSettings) -> AttentionRules:
     )
 
 
+def make_read_engine(settings: FleetSettings) -> AsyncEngine:
+    """The engine of the GET routes: autocommit connections, so a read is its one statement.
+
+    Each of them is one statement (one snapshot), so it needs no transaction; the shared
+    engine's pool would wrap the read in BEGIN/ROLLBACK and its pre-ping in another
+    BEGIN/;/ROLLBACK (SQLAlchemy's asyncpg dialect does that outside autocommit): six round
+    trips per search instead of two (the pre-ping and the query).
+    """
+    return create_async_engine(
+        settings.database_url.get_secret_value(),
+        isolation_level="AUTOCOMMIT",
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_timeout=POOL_TIMEOUT_S,
+        connect_args={
+            "server_settings": {"application_name": "fleet-reads"},
+            "timeout": CONNECT_TIMEOUT_S,
+            "command_timeout": COMMAND_TIMEOUT_S,
+        },
+    )
+
+
 def create_app(
     settings: FleetSettings | None = None,
     *,
@@ -45,6 +71,10 @@ def create_app(
     settings = settings or FleetSettings()
     infra = Infra.build(settings, outbox=store.outbox, span_processors=span_processors)
     assert infra.sessions is not None  # noqa: S101 - DatabaseSettings always build sessions
+    # Not given SQL spans: OpenTelemetry's SQLAlchemy instrumentor is a singleton that takes
+    # one engine (the write engine); reads are traced by their request's server span.
+    read_engine = make_read_engine(settings)
+    reads = make_sessionmaker(read_engine)
     gateway = HttpGateway(settings.gateway_url, timeout_s=settings.gateway_timeout_s)
 
     @asynccontextmanager
@@ -54,6 +84,7 @@ def create_app(
                 yield
             finally:
                 await gateway.aclose()
+                await read_engine.dispose()
 
     app = FastAPI(title="AutoGen Fleet registry", version="1", lifespan=lifespan)
     app.state.infra = infra
@@ -71,6 +102,7 @@ def create_app(
     app.include_router(
         build_router(
             sessions=infra.sessions,
+            reads=reads,
             rules=attention_rules(settings),
             issuer=issuer or gateway,
             map_limit=settings.map_max_features,
