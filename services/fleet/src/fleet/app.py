@@ -1,5 +1,6 @@
 """Wires the fleet service together: settings, infrastructure, routes, consumers."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -15,7 +16,7 @@ from common.health import health_router
 from common.http import install_http_conventions, problem_response
 from common.infra import Infra
 from common.telemetry import instrument_app
-from fleet import consumers, store
+from fleet import consumers, metrics, store
 from fleet.api import build_router
 from fleet.domain import AttentionRules, InvalidInputError
 from fleet.gateway_client import CredentialsIssuer, HttpGateway
@@ -80,9 +81,15 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with infra.running():
+            stop = asyncio.Event()
+            counting = asyncio.create_task(
+                metrics.keep_counting(reads, settings, stop), name="fleet-state-metric"
+            )
             try:
                 yield
             finally:
+                stop.set()
+                await counting
                 await gateway.aclose()
                 await read_engine.dispose()
 

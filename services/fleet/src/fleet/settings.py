@@ -41,5 +41,7 @@ class FleetSettings(DatabaseSettings):
     # Telemetry group members in this process (they split the partitions): one parses its
     # batch while another waits for the database.
     telemetry_consumers: int = Field(default=2, ge=1, le=32)
+    # `autogen_fleet_devices` (live/offline/attention) is counted this often (seconds).
+    state_metrics_interval_s: float = Field(default=15.0, gt=0, le=3600)
     # Map answers at most this many features (the rest is flagged `truncated`).
     map_max_features: int = Field(default=5000, ge=1, le=100000)

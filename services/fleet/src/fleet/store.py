@@ -338,3 +338,30 @@ async def apply_seen(conn: Conn, rows: Sequence[dict[str, Any]]) -> None:
             _APPLY_SEEN,
             {"ids": [r["id"] for r in rows], "received": [r["received_at"] for r in rows]},
         )
+
+
+_COUNT_STATES = text(
+    """
+    SELECT count(*) FILTER (WHERE connection = 'live') AS live,
+           count(*) FILTER (WHERE connection = 'offline') AS offline,
+           count(*) FILTER (WHERE
+             (connection = 'offline' AND COALESCE(last_seen_at, created_at) < now() -
+               make_interval(secs => GREATEST(
+                 CASE WHEN transport = 'gsm' THEN CAST(:gsm_s AS float8)
+                      ELSE CAST(:wifi_s AS float8) END,
+                 CASE WHEN gps THEN CAST(:gps_s AS float8) ELSE 0 END)))
+             OR fuel_pct < CAST(:low_fuel AS float8)
+             OR battery_v < CAST(:low_battery AS float8)) AS attention
+    FROM devices
+    """
+)
+
+
+async def count_states(
+    conn: Conn, *, wifi_s: int, gsm_s: int, gps_s: int, low_fuel: float, low_battery: float
+) -> dict[str, int]:
+    """Devices by connection (live, offline) and needing attention (the domain's rule as SQL)."""
+    params = {"wifi_s": wifi_s, "gsm_s": gsm_s, "gps_s": gps_s, "low_fuel": low_fuel}
+    params["low_battery"] = low_battery
+    row = (await conn.execute(_COUNT_STATES, params)).one()
+    return {"live": row.live, "offline": row.offline, "attention": row.attention}
