@@ -53,6 +53,7 @@ devices = Table(
     # Event times of the last applied presence / telemetry: state only moves forward.
     Column("presence_at", DateTime(timezone=True), nullable=True),
     Column("telemetry_at", DateTime(timezone=True), nullable=True),
+    Column("firmware_at", DateTime(timezone=True), nullable=True),  # of the reported firmware
     Column("run_state", String(16), nullable=True),
     Column("battery_v", Float, nullable=True),
     Column("fuel_pct", Float, nullable=True),
@@ -236,17 +237,30 @@ async def recent_positions(conn: Conn, device_id: str) -> list[tuple[float, floa
 _APPLY_PRESENCE = text(
     """
     UPDATE devices AS d SET
-      connection = CASE WHEN i.online THEN 'live' ELSE 'offline' END,
-      presence_at = i.received_at,
+      connection = CASE WHEN i.newer THEN CASE WHEN i.online THEN 'live' ELSE 'offline' END
+                        ELSE d.connection END,
+      presence_at = CASE WHEN i.newer THEN i.received_at ELSE d.presence_at END,
       -- a Last Will is the broker's word, not the device's: it does not count as "seen"
       last_seen_at = CASE WHEN i.will THEN d.last_seen_at
                           ELSE GREATEST(d.last_seen_at, i.received_at) END,
-      firmware_version = COALESCE(i.fw, d.firmware_version),
+      -- firmware has its own event time: telemetry moves presence_at, not firmware_at
+      firmware_version = CASE WHEN i.fw IS NOT NULL
+                               AND (d.firmware_at IS NULL OR i.received_at >= d.firmware_at)
+                              THEN i.fw ELSE d.firmware_version END,
+      firmware_at = CASE WHEN i.fw IS NOT NULL
+                          AND (d.firmware_at IS NULL OR i.received_at >= d.firmware_at)
+                         THEN i.received_at ELSE d.firmware_at END,
       updated_at = now()
-    FROM unnest(CAST(:ids AS text[]), CAST(:received AS timestamptz[]),
-                CAST(:online AS boolean[]), CAST(:will AS boolean[]), CAST(:fw AS text[]))
-         AS i(id, received_at, online, will, fw)
-    WHERE d.id = i.id AND (d.presence_at IS NULL OR i.received_at >= d.presence_at)
+    FROM (
+      SELECT u.*, (d0.presence_at IS NULL OR u.received_at >= d0.presence_at) AS newer
+      FROM unnest(CAST(:ids AS text[]), CAST(:received AS timestamptz[]),
+                  CAST(:online AS boolean[]), CAST(:will AS boolean[]), CAST(:fw AS text[]))
+           AS u(id, received_at, online, will, fw)
+      JOIN devices AS d0 ON d0.id = u.id
+    ) AS i
+    WHERE d.id = i.id
+      AND (i.newer OR (i.fw IS NOT NULL
+                       AND (d.firmware_at IS NULL OR i.received_at >= d.firmware_at)))
     """
 )
 
