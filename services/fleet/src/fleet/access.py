@@ -1,13 +1,14 @@
 """Who may see and change which device: the one place the fleet service checks scope.
 
 `access_device` guards every route that names a device; `scope_conditions` is the same rule
-as SQL, for lists and the map (a list cannot check row by row and still paginate). Both rest on
+as SQL, for the map, and `scope_params` as the values the search's cached statement binds (a
+list cannot check row by row and still paginate). Both rest on
 `common.auth`'s rules: admins everything; dealer staff their dealer's devices; customers their
 dealer's devices whose customer email is theirs; a device-restricted token only its devices.
 Anything out of scope is 404, never 403, so ids of other fleets do not leak.
 """
 
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import false
 from sqlalchemy.sql.elements import ColumnElement
@@ -56,19 +57,37 @@ def may_register(principal: Principal, dealer_id: str) -> None:
         raise ProblemError(403, "Forbidden", "dealers register devices into their own fleet only")
 
 
-def scope_conditions(principal: Principal) -> list[ColumnElement[bool]]:
-    """SQL terms that keep a list to the devices `principal` may see (see `can_read_device`)."""
-    terms: list[ColumnElement[bool]] = []
+def scope_params(principal: Principal) -> dict[str, Any] | None:
+    """The scope rule as named values (`store.search_page`'s cached statement binds them).
+
+    None: nothing is in scope. Keys: `device_ids`, `dealer_id`, `customer_email`.
+    """
+    params: dict[str, Any] = {}
     if principal.device_ids is not None:
-        terms.append(devices.c.id.in_(sorted(principal.device_ids)))
+        params["device_ids"] = sorted(principal.device_ids)
     if principal.is_admin:
-        return terms
+        return params
     if principal.dealer_id is None or principal.role not in ("dealer", "customer"):
-        return [false()]
-    terms.append(devices.c.dealer_id == principal.dealer_id)
+        return None
+    params["dealer_id"] = principal.dealer_id
     if principal.role == "customer":
         if not principal.email:
-            return [false()]
+            return None
         # Stored emails are trimmed and lower-case (domain.normalize_email).
-        terms.append(devices.c.customer_email == principal.email.strip().lower())
+        params["customer_email"] = principal.email.strip().lower()
+    return params
+
+
+def scope_conditions(principal: Principal) -> list[ColumnElement[bool]]:
+    """SQL terms that keep a list to the devices `principal` may see (see `can_read_device`)."""
+    params = scope_params(principal)
+    if params is None:
+        return [false()]
+    terms: list[ColumnElement[bool]] = []
+    if "device_ids" in params:
+        terms.append(devices.c.id.in_(params["device_ids"]))
+    if "dealer_id" in params:
+        terms.append(devices.c.dealer_id == params["dealer_id"])
+    if "customer_email" in params:
+        terms.append(devices.c.customer_email == params["customer_email"])
     return terms

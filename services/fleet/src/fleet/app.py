@@ -40,14 +40,15 @@ def make_read_engine(settings: FleetSettings) -> AsyncEngine:
     Each of them is one statement (one snapshot), so it needs no transaction; the shared
     engine's pool would wrap the read in BEGIN/ROLLBACK and its pre-ping in another
     BEGIN/;/ROLLBACK (SQLAlchemy's asyncpg dialect does that outside autocommit): six round
-    trips per search instead of two (the pre-ping and the query).
+    trips per search. No pre-ping either: one round trip per search, the query. A dead pooled
+    connection fails the read's statement instead, and `handlers.read` retries it once.
     """
     return create_async_engine(
         settings.database_url.get_secret_value(),
         isolation_level="AUTOCOMMIT",
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=False,
         pool_recycle=1800,
         pool_timeout=POOL_TIMEOUT_S,
         connect_args={
