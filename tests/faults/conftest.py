@@ -12,7 +12,9 @@ the issue says 500).
 
 import json
 import os
+import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,10 @@ from faults_harness import (
     wait_for,
 )
 
+CASE_TIMEOUT_S = int(os.environ.get("FAULTS_CASE_TIMEOUT_S", "900"))
+# Imported when the session collects: results older than this belong to an earlier run.
+_SESSION_STARTED = time.time()
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the `faults` marker (select the suite with `-m faults`)."""
@@ -39,11 +45,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/faults is part of the fault suite."""
+    """Everything under tests/faults is part of the fault suite, with a bound of its own.
+
+    The project-wide 300 s timeout counts fixture setup, and the first case also starts the
+    private platform (servers, migrations, six services, the simulated fleet).
+    """
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.path)).parents:
             item.add_marker(pytest.mark.faults)
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(CASE_TIMEOUT_S))
 
 
 def _register_devices(
@@ -80,11 +92,17 @@ def _register_devices(
     return devices
 
 
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (a CI job cancelled, `timeout`) unwinds like Ctrl-C, so the finally runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def platform() -> Iterator[Platform]:
     """Start the private stack, services, devices and simulator; stop them all at the end."""
     stack = PrivateStack(ROOT / ".local" / "faults")
     keep = os.environ.get("FAULTS_KEEP_SERVERS") == "1"
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         stack.start_servers()
         stack.start_services()
@@ -134,6 +152,15 @@ def platform() -> Iterator[Platform]:
                 svc.stop()
         else:
             stack.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="session")
+def results(platform: Platform) -> Path:
+    """Where each case appends its counts (the suite summary reads it); empty at the start."""
+    path = Path(platform.stack.log_dir) / "results.jsonl"
+    path.write_text("")
+    return path
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -141,12 +168,21 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     results = ROOT / ".local" / "faults" / "logs" / "results.jsonl"
     if not results.exists() or not results.read_text().strip():
         return
+    if results.stat().st_mtime < _SESSION_STARTED:
+        return  # an earlier run's counts; this run recorded none
     terminalreporter.section("fault suite counts")
     for line in results.read_text().splitlines():
         record = json.loads(line)
+        if record["case"] == "schema fuzz":
+            terminalreporter.write_line(
+                f"schema fuzz: 5xx={record['errors_5xx']} "
+                f"schema_mismatches={record['mismatches']} requests={record['requests']}"
+            )
+            continue
         terminalreporter.write_line(
             f"{record['case']}: lost={record['lost']} duplicated={record['duplicated']} "
             f"stuck={record['stuck']} 5xx={record['errors_5xx']} "
             f"(accepted {record['accepted']}, rollout confirmed {record['confirmed']} "
-            f"failed {record['failed']}, 503 retried {record['unavailable']})"
+            f"failed {record['failed']}, 503 retried {record['unavailable']}, "
+            f"{record.get('elapsed_s', 0):.0f}s)"
         )

@@ -215,23 +215,7 @@ class PrivateStack:
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        if os.environ.get("FAULTS_SNAPSHOT") == "1":
-            env["PYTHONPATH"] = self._snapshot()
         self.env = env
-
-    def _snapshot(self) -> str:
-        """Committed code (HEAD) of services and libs, to run while others edit the tree."""
-        target = self.local_dir / "src"
-        subprocess.run(["rm", "-rf", str(target)], check=True)
-        target.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", "HEAD", "services", "libs"],
-            capture_output=True,
-            check=True,
-        )
-        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
-        paths = sorted(str(p) for p in (target / "services").glob("*/src"))
-        return os.pathsep.join([*paths, str(target / "libs" / "common" / "src")])
 
     def stop_component(self, component: str) -> None:
         """Stop one server (clean shutdown, as an operator restart does)."""

@@ -37,6 +37,7 @@ class Counts:
     failed: int = 0
     failed_without_reason: int = 0
     refused: int = 0  # commands answered 4xx other than 409 (a conflict with device state)
+    elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
@@ -45,7 +46,7 @@ class Counts:
             f"FAULTS {self.case}: lost={self.lost} duplicated={self.duplicated} "
             f"stuck={self.stuck} 5xx={self.errors_5xx} | accepted={self.accepted} "
             f"rollout confirmed={self.confirmed} failed={self.failed} "
-            f"retried_503={self.unavailable} refused={self.refused}"
+            f"retried_503={self.unavailable} refused={self.refused} took={self.elapsed_s:.0f}s"
             + (f" | {'; '.join(self.notes)}" if self.notes else "")
         )
 
@@ -63,6 +64,7 @@ class Load:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
         self._futures: list[concurrent.futures.Future[None]] = []
         self._acks_from = _line_count(platform.acks_file)
+        self._started = time.monotonic()
 
     def call(
         self,
@@ -229,6 +231,7 @@ class Load:
         if expired:
             c.notes.append(f"{expired} commands expired")
         c.duplicated = self._ran_twice()
+        c.elapsed_s = round(time.monotonic() - self._started, 1)
         return c
 
     def _ran_twice(self) -> int:
