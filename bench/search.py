@@ -210,7 +210,13 @@ def fleet_env(
 async def start_fleet(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
     """`python -m fleet serve` as deployed (uvicorn, lifespan, consumers); waits until ready."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fleet", "serve", env=env, stderr=asyncio.subprocess.DEVNULL
+        sys.executable,
+        "-m",
+        "fleet",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as probe:
