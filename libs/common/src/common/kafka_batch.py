@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from common.contracts import platform
 from common.contracts.topic import Topic
 from common.events import DataT, Envelope
+from common.http import is_unavailable
 from common.kafka import TRANSIENT_ERRORS, ConsumerStats, _describe, dead_letter
 from common.metrics import KAFKA_CONSUMED
 
@@ -130,6 +131,16 @@ def subscribe_batch(
                 await msg.nack()
                 return
             except Exception as exc:  # noqa: BLE001 - kept in the dead-letter topic, not lost
+                if is_unavailable(exc):  # e.g. asyncpg's "the database system is shutting down"
+                    stats.retried += 1
+                    retried.inc(len(valid))
+                    logger.warning(
+                        "dependency unavailable, will re-read the batch",
+                        extra={"topic": name, "consumer": group_id, "error": repr(exc)[:300]},
+                    )
+                    await asyncio.sleep(retry_delay_s)
+                    await msg.nack()
+                    return
                 reason = f"batch failed: {_describe(exc)}"
                 for record in parsed:
                     await bury(record, reason)
