@@ -15,6 +15,7 @@ from commands.api import router
 from commands.handlers import CommandService
 from commands.progress import Progress
 from commands.settings import CommandsSettings
+from commands.tracing import StepTracer
 from common.auth import InternalTokenVerifier
 from common.health import health_router
 from common.http import install_http_conventions
@@ -53,6 +54,7 @@ def create_app(
     progress = Progress(
         sessions=infra.sessions,
         device_batch_interval_s=settings.device_batch_interval_ms / 1000,
+        tracer=StepTracer(infra.tracer_provider),
     )
     stats = consumers.register(infra.broker, service, progress, settings)
     sessions = infra.sessions

@@ -28,6 +28,7 @@ from common.db import transaction
 from common.events import Envelope, new_event
 from common.kafka import PermanentError
 from common.outbox import add_event
+from common.telemetry import current_trace_headers
 
 logger = logging.getLogger(__name__)
 SOURCE = "commands"
@@ -186,6 +187,7 @@ class CommandService:
             "idempotency_key": new.idempotency_key,
             "fingerprint": new.fingerprint() if new.idempotency_key else None,
             "correlation": new.correlation,
+            "traceparent": current_trace_headers().get("traceparent"),
         }
 
     async def handle_request(self, event: Envelope[CommandRequest]) -> None:

@@ -11,7 +11,7 @@ was made, see `domain.on_ack`). The offsets are committed after the transaction
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +22,7 @@ from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from commands import domain, store, transitions
+from commands.tracing import StepTracer
 from common.contracts.commands import CommandStatus
 from common.contracts.device import DevicePresence, DeviceReport, DeviceTelemetry
 from common.contracts.firmware import FirmwareRelease
@@ -61,6 +62,8 @@ class Progress:
     # time and a batch costs a transaction and an offset commit whatever its size, so pacing
     # makes batches larger and the service cheaper (Start/Stop confirmations wait that long).
     device_batch_interval_s: float = 0.1
+    # Spans of the updates reports and gateway statuses make (see `commands.tracing`).
+    tracer: StepTracer = field(default_factory=StepTracer)
     _last_start: dict[str, float] = field(default_factory=dict)
 
     async def _pace(self, name: str) -> None:
@@ -70,9 +73,15 @@ class Progress:
             await asyncio.sleep(max(0.0, last + self.device_batch_interval_s - loop.time()))
         self._last_start[name] = loop.time()
 
-    async def apply_reports(self, events: Sequence[Envelope[DeviceReport]]) -> None:
-        """Devices' acks and OTA progress."""
+    async def apply_reports(
+        self,
+        events: Sequence[Envelope[DeviceReport]],
+        traceparents: Mapping[str, str] | None = None,
+    ) -> None:
+        """Devices' acks and OTA progress; `traceparents` (by event id) are the records'."""
+        traceparents = traceparents or {}
         reports = [e.data for e in events]
+        contexts = [traceparents.get(str(e.event_id)) for e in events]
         async with _batch(self.sessions) as session:
             found = await store.commands_by_id(session, {r.command_id for r in reports})
             cmds = {i: store.to_domain(row) for i, row in found.items()}
@@ -80,7 +89,7 @@ class Progress:
             acking = {r.device_id for r in reports if r.kind == "ack" and r.command_id in cmds}
             states = await store.states_of(session, acking)
             now = self.clock()
-            for report in reports:
+            for report, record_context in zip(reports, contexts, strict=True):
                 cmd = cmds.get(report.command_id)
                 if cmd is None or cmd.device_id != report.device_id:
                     logger.debug(
@@ -89,7 +98,15 @@ class Progress:
                     )
                     continue
                 change = _on_report(cmd, report, states.get(report.device_id))
-                moved = await transitions.apply(session, change, "device", now)
+                if change is None:
+                    continue
+                with self.tracer.step(
+                    f"command {report.kind} {report.status or report.phase}",
+                    cmd.id,
+                    found[cmd.id].traceparent,
+                    record_context,
+                ):
+                    moved = await transitions.apply(session, change, "device", now)
                 cmds[cmd.id] = moved or cmd
 
     async def apply_gateway_statuses(self, events: Sequence[Envelope[CommandStatus]]) -> None:
@@ -106,7 +123,12 @@ class Progress:
                 if cmd is None:
                     continue
                 change = domain.on_gateway_status(cmd, status.status, status.detail)
-                moved = await transitions.apply(session, change, "gateway", now)
+                if change is None:
+                    continue
+                with self.tracer.step(
+                    f"command gateway {status.status}", cmd.id, found[cmd.id].traceparent
+                ):
+                    moved = await transitions.apply(session, change, "gateway", now)
                 cmds[cmd.id] = moved or cmd
 
     async def apply_telemetry(self, events: Sequence[Envelope[DeviceTelemetry]]) -> None:

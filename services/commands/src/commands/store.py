@@ -65,6 +65,8 @@ commands = Table(
     Column("ota_version", String(64), nullable=True),
     Column("ota_phase", String(16), nullable=True),
     Column("ota_progress", Float, nullable=True),
+    # W3C `traceparent` of the accept: the command's later steps join the trace it started.
+    Column("traceparent", String(64), nullable=True),
     Index("ix_commands_device_created", "device_id", "created_at", "id"),
     Index(
         "ix_commands_active_expiry",

@@ -13,6 +13,10 @@ that list into one Kafka record batch per topic-partition (`send_batch`). When a
 acknowledged, the PUBACKs of all its messages go out in one write. Telemetry waits up to
 `uplink_linger_ms` to fill batches; presence and reports (command acks, OTA progress) wake
 the sender at once, so the command round trip never waits on a linger.
+
+Tracing (see `gateway.tracing`): a command's publish is a span under the dispatch consumer's;
+a report for that command is produced with the publish's trace context in its headers. Nothing
+else on the uplink path creates or looks up a span.
 """
 
 import asyncio
@@ -34,6 +38,7 @@ from gateway import metrics, protocol
 from gateway.limits import DeviceRateLimiter
 from gateway.mqtt import ConnectOptions, MqttConnection, MqttError
 from gateway.settings import GatewaySettings
+from gateway.tracing import CommandTraces, Headers
 
 logger = logging.getLogger(__name__)
 SOURCE = "gateway"
@@ -66,6 +71,7 @@ class _Uplink(NamedTuple):
     packet_id: int
     qos: int
     outcome: str  # "forwarded" or the dead-letter reason class
+    headers: Headers | None = None  # the topic's own unless a report continues a trace
 
 
 class Bridge:
@@ -98,6 +104,7 @@ class Bridge:
         self._urgent = asyncio.Event()  # presence or a report is pending: no linger
         self._hashes: dict[bytes, int] = {}  # key -> murmur2, as the default partitioner does
         self.online: set[str] = set()  # devices whose latest status seen here is `online`
+        self.traces = CommandTraces()
 
     @property
     def subscription(self) -> str:
@@ -216,9 +223,12 @@ class Bridge:
             value = protocol.encode_event(
                 contract.event_type, SOURCE, verdict.device_id, verdict.data, now
             )
+            headers = None
+            if contract is device.REPORT:
+                headers = self._report_headers(verdict.device_id, verdict.data)
             uplink = _Uplink(
                 self._topics[contract.name], verdict.device_id.encode(), value, conn,
-                packet_id, qos, _FORWARDED,
+                packet_id, qos, _FORWARDED, headers,
             )  # fmt: skip
         else:
             self._refusals.warning(
@@ -243,6 +253,13 @@ class Bridge:
         self._unacked += 1
         if not self._wake.is_set():
             self._wake.set()
+
+    def _report_headers(self, device_id: str, report: Any) -> Headers | None:
+        """The topic's headers plus the command's trace context, if its publish was ours."""
+        trace_headers = self.traces.headers_for(device_id, report.command_id)
+        if trace_headers is None:
+            return None
+        return self._headers[self._topics[device.REPORT.name]] + trace_headers
 
     def _presence(self, device_id: str, state: str) -> None:
         if state == "online":
@@ -290,13 +307,12 @@ class Bridge:
             members: list[_Uplink] = []
             batch = self._producer.create_batch()
             for uplink in uplinks:
+                own = uplink.headers or headers
                 if batch.append(timestamp=None, key=uplink.key, value=uplink.value,
-                                headers=headers) is None:  # fmt: skip
+                                headers=own) is None:  # fmt: skip
                     await self._submit(batch, topic, partition, members)
                     batch, members = self._producer.create_batch(), []
-                    batch.append(
-                        timestamp=None, key=uplink.key, value=uplink.value, headers=headers
-                    )
+                    batch.append(timestamp=None, key=uplink.key, value=uplink.value, headers=own)
                 members.append(uplink)
             await self._submit(batch, topic, partition, members)
 
@@ -361,13 +377,29 @@ class Bridge:
 
     # downlink: commands to devices
     async def publish_command(
-        self, device_id: str, payload: bytes, *, expires_at: datetime | None = None
+        self,
+        device_id: str,
+        payload: bytes,
+        *,
+        expires_at: datetime | None = None,
+        command_id: str | None = None,
     ) -> None:
         """Publish to the device's command topic at QoS 1; raises ConnectionError if it can't.
 
         With `expires_at`, the MQTT v5 Message Expiry Interval makes the broker drop a command
         that waits in an offline device's session past its TTL, instead of handing it over.
+        With `command_id`, the publish is a span whose context the device's reports continue.
         """
+        if command_id is None:
+            await self._publish_command(device_id, payload, expires_at)
+            return
+        topic = protocol.command_topic(device_id)
+        with self.traces.publishing(device_id, command_id, topic):
+            await self._publish_command(device_id, payload, expires_at)
+
+    async def _publish_command(
+        self, device_id: str, payload: bytes, expires_at: datetime | None
+    ) -> None:
         timeout = self._settings.mqtt_publish_timeout_s
         expiry = None
         if expires_at is not None:

@@ -102,6 +102,7 @@ async def deliver_command(
                 command.device_id,
                 protocol.command_payload(command),
                 expires_at=command.expires_at,
+                command_id=command.command_id,
             )
             outcome, detail = "sent", None
         status = commands.CommandStatus(
