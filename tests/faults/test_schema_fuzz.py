@@ -2,8 +2,11 @@
 
 Schemathesis (CLI, v4) generates requests from each document, authenticated as a dealer (and
 as an admin), and checks that no answer is a 5xx and that every answer matches its documented
-schema. `FAULTS_FUZZ_EXAMPLES` per operation and phase (default 50) and `FAULTS_FUZZ_MIN`
-(default 10000 requests in all; scale both down on a busy machine) set the size.
+schema. `FAULTS_FUZZ_EXAMPLES` per operation and phase (default 75) and `FAULTS_FUZZ_MIN`
+(default 10000 requests in all, the issue's figure) set the size. Measured on the loaded 2-core
+machine: 50 examples gave 7,687 requests in ~5 min (~25 requests/s, zero 5xx, zero schema
+mismatches), so the default 75 is about 11,000 requests and ~7-8 min, most of the suite's
+time; lower both to iterate.
 """
 
 import json
@@ -16,7 +19,7 @@ from typing import Any
 import pytest
 from faults_harness import SERVICE_PORTS, Platform
 
-EXAMPLES = int(os.environ.get("FAULTS_FUZZ_EXAMPLES", "50"))
+EXAMPLES = int(os.environ.get("FAULTS_FUZZ_EXAMPLES", "75"))
 MINIMUM = int(os.environ.get("FAULTS_FUZZ_MIN", "10000"))
 # Services with public operations under /api/v1 (gateway's API is internal, console is HTML).
 PUBLIC = ("tokens", "fleet", "commands", "firmware")
