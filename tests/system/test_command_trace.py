@@ -72,9 +72,6 @@ async def world(
             verifier=issuer.verifier(),
             span_processors=(SimpleSpanProcessor(spans),),
         )
-        # Several apps share this process, so the global tracer provider is not this
-        # gateway's; a service process has one provider and the bridge uses the global one.
-        gateway_app.state.bridge.traces.use(gateway_app.state.infra.tracer_provider)
         async with (
             app.router.lifespan_context(app),
             gateway_app.router.lifespan_context(gateway_app),

@@ -31,6 +31,8 @@ def create_app(
     assert infra.sessions is not None  # noqa: S101 - the gateway has a database
     producer = make_producer(settings)
     bridge = Bridge(settings, producer)
+    # The app's own provider, not the global one: several apps may share a process (tests).
+    bridge.traces.use(infra.tracer_provider)
     admin = DynsecAdmin(
         host=settings.mqtt_host,
         port=settings.mqtt_port,
