@@ -42,16 +42,13 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +66,7 @@ from common.testing.stack import (
     create_database,
     create_topics,
     drop_database,
+    free_port,
     load_stack_env,
 )
 from gateway.dynsec import DynsecAdmin
@@ -85,35 +83,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=50.0, help="commands per second")
     parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
     return parser.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def jwks_server(issuer: TestIssuer) -> Iterator[str]:
-    """The issuer's public keys over HTTP, as the tokens service serves its own."""
-    body = json.dumps(issuer.jwks).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
-    finally:
-        server.shutdown()
 
 
 async def start(module: str, env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -462,7 +431,7 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                     "GATEWAY_DISPATCH_GROUP_ID": f"bench-{tag}.gateway.dispatch",
                 }
                 procs.append(await start("gateway", gw_env, gw_port, logs / "bench-gateway.log"))
-                with jwks_server(issuer) as jwks_url:
+                with issuer.serve_jwks() as jwks_url:
                     cmd_env = {
                         **os.environ,
                         "COMMANDS_DATABASE_URL": urls["commands"],

@@ -25,13 +25,11 @@ Needs the local stack (`deploy/local/stack start`). Not a test: nothing here ass
 
 import argparse
 import asyncio
-import http.server
+import contextlib
 import json
 import math
 import os
-import socket
 import sys
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -49,7 +47,13 @@ from common.db import make_engine
 from common.events import encode, new_event
 from common.migrations import upgrade
 from common.testing.auth import TestIssuer
-from common.testing.stack import create_database, create_topics, drop_database, load_stack_env
+from common.testing.stack import (
+    create_database,
+    create_topics,
+    drop_database,
+    free_port,
+    load_stack_env,
+)
 from firmware import store
 
 ADMIN = Principal(user_id="bench-admin", role="admin")
@@ -207,30 +211,6 @@ async def raw_baseline(bootstrap: str, topic: str, count: int) -> float:
         await producer.stop()
 
 
-def jwks_server(issuer: TestIssuer) -> tuple[http.server.ThreadingHTTPServer, str]:
-    payload = json.dumps(issuer.jwks).encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def wait_for(check: Any, limit_s: float, what: str, every_s: float = 0.2) -> None:
     deadline = time.monotonic() + limit_s
     while not await check():
@@ -335,7 +315,8 @@ async def main() -> int:  # noqa: PLR0915 - one linear script
     url = await create_database(admin_url, database)
     await asyncio.to_thread(upgrade, url, "firmware")
     issuer = TestIssuer()
-    server, jwks_url = jwks_server(issuer)
+    jwks = contextlib.ExitStack()
+    jwks_url = jwks.enter_context(issuer.serve_jwks())
     port = free_port()
     env = dict(os.environ) | {
         "FIRMWARE_DATABASE_URL": url,
@@ -432,7 +413,7 @@ async def main() -> int:  # noqa: PLR0915 - one linear script
         if process.returncode is None:
             process.terminate()
             await process.wait()
-        server.shutdown()
+        jwks.close()
         await engine.dispose()
         await drop_database(admin_url, database)
 

@@ -14,18 +14,16 @@ Needs the local stack (PostgreSQL). Prints readable lines, then one JSON line pe
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
-import socket
 import statistics
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from common.testing.stack import (
     create_topics,
     delete_topics_with_prefix,
     drop_database,
+    free_port,
     load_stack_env,
 )
 
@@ -163,32 +162,6 @@ async def timed(
     return results
 
 
-def serve_jwks(jwks: dict[str, Any]) -> tuple[ThreadingHTTPServer, str]:
-    """A loopback JWKS endpoint for the served fleet (it fetches the key once, then caches)."""
-    body = json.dumps(jwks).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def fleet_env(
     *, url: str, port: int, jwks_url: str, stack: StackAddresses, prefix: str
 ) -> dict[str, str]:
@@ -296,13 +269,13 @@ async def main() -> None:
     prefix = f"bench-search-{uuid.uuid4().hex[:8]}."
     print(f"search benchmark: {args.devices:,} devices in database {name}")
     process: asyncio.subprocess.Process | None = None
-    jwks_server: ThreadingHTTPServer | None = None
+    jwks = contextlib.ExitStack()
     try:
         if not args.database:
             await asyncio.to_thread(upgrade, url, "fleet")
             await seed(plain, args.devices)
         issuer = TestIssuer()
-        jwks_server, jwks_url = serve_jwks(issuer.jwks)
+        jwks_url = jwks.enter_context(issuer.serve_jwks())
         # The consumers the service starts read their own (empty) prefixed topics.
         await create_topics(
             stack.kafka_bootstrap_servers, [prefix + t.name for t in (PRESENCE, TELEMETRY, REPORT)]
@@ -323,8 +296,7 @@ async def main() -> None:
         if process is not None and process.returncode is None:
             process.terminate()
             await process.wait()
-        if jwks_server is not None:
-            jwks_server.shutdown()
+        jwks.close()
         await delete_topics_with_prefix(stack.kafka_bootstrap_servers, prefix)
         if not keep:
             await drop_database(stack.pg_admin_url, name)

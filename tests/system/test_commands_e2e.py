@@ -11,19 +11,15 @@ loses nothing and sends nothing twice.
 """
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +37,7 @@ from commands.testing import ADMIN, READER_1, TOPICS, Api, Bus, eventually, sett
 from common.contracts import device
 from common.testing.auth import TestIssuer
 from common.testing.plugin import KafkaTopics, Migrate
-from common.testing.stack import StackAddresses
+from common.testing.stack import StackAddresses, free_port
 from fleet.app import create_app as create_fleet_app
 from fleet.gateway_client import MqttCredentials
 from fleet.settings import FleetSettings
@@ -327,10 +323,10 @@ async def test_sigkill_of_the_commands_process_between_accept_and_dispatch_loses
     url: str = world["commands_db"]
     lock_key = zlib.crc32(f"outbox-relay:{store.outbox.fullname}".encode())
     holder = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
-    port = _free_port()
+    port = free_port()
     accepted: list[str] = []
     try:
-        with _jwks_server(issuer) as jwks_url:
+        with issuer.serve_jwks() as jwks_url:
             env = {
                 **os.environ,
                 "COMMANDS_DATABASE_URL": url,
@@ -411,36 +407,6 @@ def _acks(world: dict[str, Any], command_id: str, status: str) -> int:
             ),
         )
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def _jwks_server(issuer: TestIssuer) -> Iterator[str]:
-    """The issuer's public keys over HTTP, as the tokens service serves its own."""
-    body = json.dumps(issuer.jwks).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
-    finally:
-        server.shutdown()
 
 
 async def _simulator_online(world: dict[str, Any]) -> None:

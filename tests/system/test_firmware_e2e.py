@@ -16,15 +16,12 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +34,7 @@ from common.contracts import ALL_TOPICS
 from common.db import make_engine
 from common.testing.auth import TestIssuer
 from common.testing.plugin import KafkaTopics, Migrate
-from common.testing.stack import StackAddresses
+from common.testing.stack import StackAddresses, free_port
 from gateway.dynsec import DynsecAdmin
 from gateway.testing import Broker, admin_session, bridge_account
 
@@ -59,12 +56,6 @@ def dealer(dealer_id: str) -> Principal:
     return Principal(user_id=f"staff-{dealer_id}", role="dealer", dealer_id=dealer_id)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def eventually(
     what: str, check: Callable[[], Awaitable[bool]], timeout: float = OTA_WAIT_S
 ) -> None:
@@ -75,29 +66,6 @@ async def eventually(
                 await asyncio.sleep(0.2)
     except TimeoutError:
         pytest.fail(f"gave up waiting for {what}")
-
-
-@contextlib.contextmanager
-def jwks_server(issuer: TestIssuer) -> Iterator[str]:
-    """The test issuer's public keys over HTTP, as the tokens service serves its own."""
-    body = json.dumps(issuer.jwks).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
-    finally:
-        server.shutdown()
 
 
 @dataclass
@@ -373,7 +341,7 @@ async def world(  # noqa: PLR0915 - one linear setup of a small world
     async with admin_session(broker) as admin, bridge_account(admin) as account:
         try:
             await receive_only(admin, account.share_group, [one[0] for one in todo])
-            with jwks_server(issuer) as jwks_url:
+            with issuer.serve_jwks() as jwks_url:
                 common = {**os.environ, "AUTOGEN_LOG_LEVEL": "WARNING"}
                 envs = {
                     "gateway": {

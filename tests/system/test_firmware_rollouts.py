@@ -32,7 +32,7 @@ from common.contracts.topic import Topic
 from common.events import encode, new_event
 from common.testing.auth import TestIssuer
 from common.testing.plugin import KafkaTopics, Migrate
-from common.testing.stack import StackAddresses
+from common.testing.stack import StackAddresses, free_port
 from firmware import store
 from firmware.app import create_app
 from firmware.settings import FirmwareSettings
@@ -1043,34 +1043,12 @@ class JwksServer:
 
 @pytest.fixture
 def unused_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()
 
 
 @pytest.fixture
 def jwks_server() -> Any:
     """The test issuer's JWKS over HTTP, for a firmware process started as a subprocess."""
-    import http.server
-    import threading
-
     issuer = TestIssuer()
-    payload = json.dumps(issuer.jwks).encode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield JwksServer(url=f"http://127.0.0.1:{server.server_address[1]}/jwks.json", issuer=issuer)
-    server.shutdown()
+    with issuer.serve_jwks() as url:
+        yield JwksServer(url=url, issuer=issuer)

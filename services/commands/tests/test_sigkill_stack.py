@@ -7,19 +7,14 @@ dispatched exactly once and completes.
 """
 
 import asyncio
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import zlib
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import httpx
@@ -29,42 +24,11 @@ from commands import store
 from commands.testing import ADMIN, DEALER_1, Bus, eventually, new_id
 from common.testing.auth import TestIssuer
 from common.testing.plugin import Migrate
-from common.testing.stack import StackAddresses
+from common.testing.stack import StackAddresses, free_port
 
 pytestmark = pytest.mark.stack
 
 COMMANDS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextmanager
-def jwks_server(issuer: TestIssuer) -> Iterator[str]:
-    """Serves the test issuer's public keys, as the tokens service would."""
-    body = json.dumps(issuer.jwks).encode()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: Any) -> None:
-            return
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
-    finally:
-        server.shutdown()
 
 
 @asynccontextmanager
@@ -117,7 +81,7 @@ async def test_sigkill_between_accept_and_dispatch_loses_nothing(
     plain_url = url.replace("postgresql+asyncpg://", "postgresql://")
     holder = await asyncpg.connect(plain_url)
     try:
-        with jwks_server(issuer) as jwks_url:
+        with issuer.serve_jwks() as jwks_url:
             env = {
                 **os.environ,
                 "COMMANDS_DATABASE_URL": url,

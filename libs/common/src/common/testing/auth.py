@@ -4,8 +4,12 @@ A test signs its own ES256 key and hands the service a verifier with the matchin
 so a service's tests need neither the tokens service nor nginx.
 """
 
+import contextlib
 import json
+import threading
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,6 +33,33 @@ class TestIssuer:
         jwk = json.loads(ECAlgorithm.to_jwk(self._key.public_key()))
         jwk.update({"kid": self.kid, "use": "sig", "alg": "ES256"})
         return {"keys": [jwk]}
+
+    @contextlib.contextmanager
+    def serve_jwks(self) -> Iterator[str]:
+        """Serve the public keys over HTTP on loopback, as the tokens service serves its own.
+
+        For service processes started by a test or a benchmark (`<SVC>_JWKS_URL`); yields the URL.
+        """
+        body = json.dumps(self.jwks).encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                return
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+        finally:
+            server.shutdown()
+            server.server_close()
 
     def verifier(self) -> InternalTokenVerifier:
         """A verifier that accepts this issuer's tokens."""

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import shlex
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,3 +146,11 @@ async def create_topics(bootstrap: str, names: list[str], *, partitions: int = 3
                 await admin.create_topics(new)
     finally:
         await admin.close()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a server a test or benchmark starts)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
