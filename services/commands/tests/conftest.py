@@ -42,6 +42,6 @@ async def api(
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://commands") as client:
-                yield Api(client, issuer, bus)
+                yield Api(client, issuer, bus, app)
     finally:
         await bus.stop()

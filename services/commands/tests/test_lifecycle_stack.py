@@ -208,6 +208,35 @@ async def test_rollout_requests_over_kafka_get_the_same_lifecycle(api: Api) -> N
     assert rejected["correlation"] == {"rollout_id": "RO-1"}
 
 
+async def test_a_request_ahead_of_its_device_registration_waits_for_it(api: Api) -> None:
+    # A rollout may ask for a device whose fleet.device.v1 event this service has not read yet:
+    # the request is read again until the device is known, not rejected.
+    device_id = new_id()
+    request = CommandRequest(
+        request_id=new_id("req"),
+        device_id=device_id,
+        action="reboot",
+        requested_by="rollout:RO-2",
+        correlation={"rollout_id": "RO-2"},
+    )
+    assert api.app is not None
+    requests = api.app.state.consumer_stats["requests"]
+    retried = requests.retried
+    await api.bus.publish(commands.REQUEST, request, device_id)
+    # Registered only once the service has read the request and put it back at least once.
+    await eventually(lambda: _true_if(requests.retried > retried))
+    await api.bus.device_registered(device_id)
+    dispatched = await eventually(lambda: _dispatch_for_device(api, device_id))
+    assert dispatched["action"] == "reboot"
+    assert not [
+        s for s in api.bus.statuses if s["device_id"] == device_id and s["status"] == "rejected"
+    ]
+
+
+async def _true_if(condition: bool) -> bool | None:
+    return True if condition else None
+
+
 async def _dispatch_for_device(api: Api, device_id: str) -> dict[str, object] | None:
     return next((d for d in api.bus.dispatches if d["device_id"] == device_id), None)
 

@@ -35,8 +35,15 @@ from common.metrics import KAFKA_CONSUMED
 
 logger = logging.getLogger(__name__)
 
+
+class RetryLaterError(Exception):
+    """A handler's verdict that this record came too early (what it refers to has not arrived
+    from another topic yet): read it again after a backoff, like a transient error."""
+
+
 # Errors worth waiting out: the record is read again instead of dead-lettered.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    RetryLaterError,
     OperationalError,
     InterfaceError,
     ConnectionError,

@@ -50,6 +50,7 @@ def create_app(
     service = CommandService(
         sessions=infra.sessions,
         run_state_window=timedelta(seconds=settings.run_state_window_s),
+        request_grace=timedelta(seconds=settings.request_grace_s),
     )
     progress = Progress(
         sessions=infra.sessions,

@@ -30,10 +30,12 @@ DeviceAck = Literal["accepted", "succeeded", "failed", "rejected"]
 class InvalidCommandError(Exception):
     """A request that can never be carried out as given (422 naming `field`)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, unknown_release: bool = False) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        # The release is not (yet) known here, as opposed to known and wrong for the device.
+        self.unknown_release = unknown_release
 
 
 class CommandConflictError(Exception):

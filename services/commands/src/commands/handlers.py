@@ -26,7 +26,7 @@ from common.contracts import commands as contract
 from common.contracts.commands import CommandDispatch, CommandRequest
 from common.db import transaction
 from common.events import Envelope, new_event
-from common.kafka import PermanentError
+from common.kafka import PermanentError, RetryLaterError
 from common.outbox import add_event
 from common.telemetry import current_trace_headers
 
@@ -97,6 +97,7 @@ class CommandService:
 
     sessions: async_sessionmaker[AsyncSession]
     run_state_window: timedelta = timedelta(seconds=60)
+    request_grace: timedelta = timedelta(seconds=60)
     clock: Callable[[], datetime] = _now
     sweep_batch: int = 500
 
@@ -147,7 +148,9 @@ class CommandService:
         release = await store.get_release(session, params["release_id"])
         if release is None:
             raise domain.InvalidCommandError(
-                "params.release_id", f"unknown release {params['release_id']!r}"
+                "params.release_id",
+                f"unknown release {params['release_id']!r}",
+                unknown_release=True,
             )
         mismatch = domain.release_mismatch(release, device)
         if mismatch is not None:
@@ -202,14 +205,21 @@ class CommandService:
             correlation=dict(req.correlation),
         )
         who = Requester(user_id=req.requested_by)
+        # The device's registry entry or the release may still be on its way to this service
+        # (another topic): a young request naming one we lack is read again, not rejected.
+        young = self.clock() - event.occurred_at < self.request_grace
         try:
             await self.accept(new, who)
         except IdempotencyMismatchError as exc:
             # Nothing sensible to reject: the key names another command. Keep the record.
             raise PermanentError(f"request_id {exc} was used for a different command") from exc
-        except UnknownDeviceError:
+        except UnknownDeviceError as exc:
+            if young:
+                raise RetryLaterError(f"device {req.device_id!r} not known yet") from exc
             await self._reject(new, who, f"device_id: no device {req.device_id!r}")
         except domain.InvalidCommandError as exc:
+            if young and exc.unknown_release:
+                raise RetryLaterError(str(exc)) from exc
             await self._reject(new, who, str(exc))
         except domain.CommandConflictError as exc:
             await self._reject(new, who, str(exc))

@@ -24,6 +24,10 @@ class CommandsSettings(DatabaseSettings):
     # How long after the device says Start/Stop is done its telemetry has to show the new
     # run state before the command counts as failed.
     run_state_window_s: float = Field(default=60.0, gt=0, le=3600)
+    # A request over Kafka naming a device or a release this service has not heard of yet (its
+    # fleet/firmware event is still on the way) is read again for this long before it is
+    # rejected: the projections and the requests travel on different topics.
+    request_grace_s: float = Field(default=60.0, ge=0, le=3600)
     # How often the `autogen_commands_active` gauge is refreshed (one indexed count query).
     metrics_interval_s: float = Field(default=5.0, gt=0, le=300)
     # Batch consumers: at most this many records per transaction, and how long a poll waits

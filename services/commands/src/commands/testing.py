@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from fastapi import FastAPI
 from pydantic import BaseModel, SecretStr
 
 from commands.settings import CommandsSettings
@@ -230,6 +231,7 @@ class Api:
     client: httpx.AsyncClient
     issuer: TestIssuer
     bus: Bus
+    app: FastAPI | None = None  # for tests that look at the consumers' stats
 
     def as_(self, principal: Principal) -> dict[str, str]:
         return self.issuer.headers(principal)
