@@ -42,7 +42,7 @@ async def observe(args: argparse.Namespace) -> None:
                 async for message in client.messages:
                     parts = str(message.topic).split("/")
                     try:
-                        body = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                        body = json.loads(bytes(message.payload))
                     except (ValueError, TypeError):
                         continue
                     if not isinstance(body, dict):
