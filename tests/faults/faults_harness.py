@@ -25,12 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 STACK = ROOT / "deploy" / "local" / "stack"
 SERVICES = ("tokens", "fleet", "commands", "firmware", "gateway", "console")
 COMPONENTS = ("kafka", "postgres", "redis", "mosquitto")
-# Ports that stay clear of the shared stack (9092/9093/55432/56379/1883/8080, 8101-8106).
+# Ports that stay clear of the shared stack (9092/9093/55432/56379/1883/8080, 8101-8106) and of
+# Linux's ephemeral range (32768-60999): a client socket of the running suite once held
+# 127.0.0.1:56432 when the private PostgreSQL wanted to listen there.
 SERVER_PORTS = {
     "AUTOGEN_KAFKA_PORT": 19092,
     "AUTOGEN_KAFKA_CONTROLLER_PORT": 19093,
-    "AUTOGEN_PG_PORT": 56432,
-    "AUTOGEN_REDIS_PORT": 56380,
+    "AUTOGEN_PG_PORT": 15432,
+    "AUTOGEN_REDIS_PORT": 16379,
     "AUTOGEN_MQTT_PORT": 11883,
     "AUTOGEN_HTTP_PORT": 18080,
 }
