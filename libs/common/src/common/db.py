@@ -19,13 +19,25 @@ POOL_TIMEOUT_S = 5.0
 COMMAND_TIMEOUT_S = 60.0
 
 
-def make_engine(url: str, *, pool_size: int = 10, application_name: str = "autogen") -> AsyncEngine:
-    """An engine with pre-ping, so a restarted PostgreSQL costs one retry, not an outage."""
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    application_name: str = "autogen",
+    autocommit: bool = False,
+    pre_ping: bool = True,
+) -> AsyncEngine:
+    """An engine with pre-ping, so a restarted PostgreSQL costs one retry, not an outage.
+
+    `autocommit=True, pre_ping=False` suits single-statement reads on a hot path: no
+    BEGIN/ROLLBACK around them and no ping round trip; the caller then retries a read whose
+    pooled connection turned out dead.
+    """
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         pool_timeout=POOL_TIMEOUT_S,
         connect_args={
@@ -33,6 +45,7 @@ def make_engine(url: str, *, pool_size: int = 10, application_name: str = "autog
             "timeout": CONNECT_TIMEOUT_S,
             "command_timeout": COMMAND_TIMEOUT_S,
         },
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
 
 

@@ -8,10 +8,10 @@ from datetime import timedelta
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from opentelemetry.sdk.trace import SpanProcessor
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.auth import InternalTokenVerifier
-from common.db import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, POOL_TIMEOUT_S, make_sessionmaker
+from common.db import make_engine, make_sessionmaker
 from common.health import health_router
 from common.http import install_http_conventions, problem_response
 from common.infra import Infra
@@ -43,19 +43,12 @@ def make_read_engine(settings: FleetSettings) -> AsyncEngine:
     trips per search. No pre-ping either: one round trip per search, the query. A dead pooled
     connection fails the read's statement instead, and `handlers.read` retries it once.
     """
-    return create_async_engine(
+    return make_engine(
         settings.database_url.get_secret_value(),
-        isolation_level="AUTOCOMMIT",
         pool_size=settings.database_pool_size,
-        max_overflow=settings.database_pool_size,
-        pool_pre_ping=False,
-        pool_recycle=1800,
-        pool_timeout=POOL_TIMEOUT_S,
-        connect_args={
-            "server_settings": {"application_name": "fleet-reads"},
-            "timeout": CONNECT_TIMEOUT_S,
-            "command_timeout": COMMAND_TIMEOUT_S,
-        },
+        application_name="fleet-reads",
+        autocommit=True,
+        pre_ping=False,
     )
 
 
