@@ -71,6 +71,7 @@ from common.testing.stack import (
 )
 from gateway.dynsec import DynsecAdmin
 from gateway.simulator.__main__ import generated
+from gateway.simulator.runner import NODELAY
 from gateway.testing import BridgeAccount, Broker, admin_session, bridge_account
 
 ADMIN = Principal(user_id="bench-admin", role="admin")
@@ -149,6 +150,7 @@ async def raw_round_trips(
         password=account.password,
         identifier=f"bench-raw-{uuid.uuid4().hex[:6]}",
         protocol=aiomqtt.ProtocolVersion.V5,
+        socket_options=(NODELAY,),  # as the gateway's own client (asyncio sets it)
     ) as client:
         await client.subscribe("devices/+/up/ack", qos=1)
 
@@ -449,7 +451,7 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                             sys.executable, "-m", "gateway.simulator",
                             "--generate", str(args.devices), "--id-prefix", f"bcmd-{tag}-",
                             "--username", load_user, "--password", load_password,
-                            "--telemetry-interval", "30", "--time-factor", "0.01",
+                            "--telemetry-interval", "30", "--time-factor", "1",
                             "--log-level", "WARNING",
                         ],
                         stdout=subprocess.DEVNULL,
