@@ -283,6 +283,7 @@ async def platform_round_trips(
                     return None
                 command_id = r.json()["id"]
                 started[command_id] = t0
+                answered.append((time.perf_counter() - t0) * 1000)
                 while time.perf_counter() < t0 + 10:
                     # The status event follows the commit that made the command `succeeded`,
                     # so the GET after it shows it (the wait adds the event's few ms to the
@@ -300,11 +301,17 @@ async def platform_round_trips(
             return None
 
         started: dict[str, float] = {}
+        answered: list[float] = []
         try:
             return await paced(rate, seconds, one)
         finally:
             if outcomes:
                 print(f"  failures: {outcomes}", flush=True)
+            print(
+                f"  POST answered (202) p50 {pct(answered, 0.5):.0f} / p99 "
+                f"{pct(answered, 0.99):.0f} ms",
+                flush=True,
+            )
             print(f"  after the POST, seen on Kafka: {watch.stages(started)}", flush=True)
 
 

@@ -4,9 +4,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from common.telemetry import current_trace_headers, trace_id_of
+from common.settings import OtelExporter
+from common.telemetry import current_trace_headers, setup_tracing, trace_id_of
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -46,3 +50,30 @@ def test_current_trace_headers_carry_the_active_span() -> None:
     with tracer.start_as_current_span("request") as span:
         headers = current_trace_headers()
     assert trace_id_of(headers) == format(span.get_span_context().trace_id, "032x")
+
+
+def test_without_an_exporter_spans_are_not_recorded_but_the_context_still_travels() -> None:
+    tracer = setup_tracing("tests", exporter=OtelExporter.NONE).get_tracer("tests")
+    with tracer.start_as_current_span("request") as span:
+        assert not span.is_recording()
+        headers = current_trace_headers()
+        with tracer.start_as_current_span("child") as child:
+            assert not child.is_recording()
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    assert trace_id_of(headers) == trace_id
+    assert format(child.get_span_context().trace_id, "032x") == trace_id
+
+
+def test_with_somewhere_to_send_spans_they_are_recorded_and_a_sampled_parent_is_honoured() -> None:
+    spans = InMemorySpanExporter()
+    exporting = setup_tracing(
+        "tests", exporter=OtelExporter.NONE, extra_processors=(SimpleSpanProcessor(spans),)
+    ).get_tracer("tests")
+    with exporting.start_as_current_span("request"):
+        sampled = current_trace_headers()
+    assert [s.name for s in spans.get_finished_spans()] == ["request"]
+
+    # A service that exports nothing still records under a caller that samples.
+    silent = setup_tracing("tests", exporter=OtelExporter.NONE).get_tracer("tests")
+    with silent.start_as_current_span("handler", context=propagate.extract(sampled)) as span:
+        assert span.is_recording()

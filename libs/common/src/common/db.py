@@ -25,13 +25,17 @@ def make_engine(
     pool_size: int = 10,
     application_name: str = "autogen",
     autocommit: bool = False,
-    pre_ping: bool = True,
+    pre_ping: bool = False,
 ) -> AsyncEngine:
-    """An engine with pre-ping, so a restarted PostgreSQL costs one retry, not an outage.
+    """An engine whose pool a restarted PostgreSQL costs one retryable error, not an outage.
 
-    `autocommit=True, pre_ping=False` suits single-statement reads on a hot path: no
-    BEGIN/ROLLBACK around them and no ping round trip; the caller then retries a read whose
-    pooled connection turned out dead.
+    No pre-ping by default: SQLAlchemy's asyncpg ping is BEGIN, ";" and ROLLBACK on every
+    checkout, a third of the statements of a command's round trip. A pooled connection that
+    died (PostgreSQL restarted) fails its first statement instead, with an error the services
+    answer 503 with Retry-After and consumers retry (`common.http.is_unavailable`), and that
+    failure invalidates the whole pool, so the retry connects afresh
+    (tests/integration/test_db_reconnect.py). `autocommit=True` suits single-statement reads
+    on a hot path: no BEGIN/ROLLBACK around them.
     """
     return create_async_engine(
         url,

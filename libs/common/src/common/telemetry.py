@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
 )
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.settings import OtelExporter
@@ -32,8 +33,20 @@ def setup_tracing(
     endpoint: str | None = None,
     extra_processors: tuple[SpanProcessor, ...] = (),
 ) -> TracerProvider:
-    """Build the process's tracer provider and make it the global one."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    """Build the process's tracer provider and make it the global one.
+
+    With nowhere to send spans (exporter `none`, no extra processors) new traces are not
+    sampled: every span is then a non-recording one that still carries a valid context, so
+    `traceparent` still travels through HTTP, Kafka, the outbox and the commands' rows, but no
+    span is built, timed and given attributes per request, message and SQL statement for
+    nobody (on the commands service that was a large part of a command's CPU). A sampled
+    parent (a caller that does export) is still honoured.
+    """
+    exporting = exporter is not OtelExporter.NONE or bool(extra_processors)
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service}),
+        sampler=ALWAYS_ON if exporting else ParentBased(ALWAYS_OFF),
+    )
     if exporter is OtelExporter.CONSOLE:
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     elif exporter is OtelExporter.OTLP:
