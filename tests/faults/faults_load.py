@@ -47,8 +47,13 @@ class Counts:
             f"stuck={self.stuck} 5xx={self.errors_5xx} | accepted={self.accepted} "
             f"rollout confirmed={self.confirmed} failed={self.failed} "
             f"retried_503={self.unavailable} refused={self.refused} took={self.elapsed_s:.0f}s"
-            + (f" | {'; '.join(self.notes)}" if self.notes else "")
+            + (f" | {'; '.join(self._grouped_notes())}" if self.notes else "")
         )
+
+    def _grouped_notes(self) -> list[str]:
+        """Each distinct note once, with how often it came (500 commands make 500 alike)."""
+        counted = collections.Counter(self.notes)
+        return [note if n == 1 else f"{note} x{n}" for note, n in counted.items()]
 
 
 class Load:

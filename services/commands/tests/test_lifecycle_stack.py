@@ -2,6 +2,7 @@
 gateway's `sent` → the device's ack → a result visible by GET; expiry; OTA; rollouts' requests."""
 
 from collections.abc import Mapping
+from typing import Any
 
 import httpx
 import pytest
@@ -189,7 +190,12 @@ async def test_rollout_requests_over_kafka_get_the_same_lifecycle(api: Api) -> N
     await api.bus.publish(commands.REQUEST, request, device_id)  # redelivered
 
     first = await eventually(lambda: _dispatch_for_device(api, device_id))
-    queued = [s for s in api.bus.statuses if s["command_id"] == first["command_id"]]
+
+    async def statuses() -> list[dict[str, Any]]:
+        # Its own topic: it may arrive after the dispatch.
+        return [s for s in api.bus.statuses if s["command_id"] == first["command_id"]]
+
+    queued = await eventually(statuses)
     assert queued[0]["correlation"] == {"rollout_id": "RO-1"}
     listed = await api.client.get(f"/api/v1/devices/{device_id}/commands", headers=api.as_(ADMIN))
     assert [c["requested_by"] for c in listed.json()["items"]] == ["rollout:RO-1"]

@@ -39,13 +39,15 @@ from sqlalchemy import (
     String,
     Table,
     Uuid,
+    any_,
+    bindparam,
     event,
     func,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -300,7 +302,10 @@ class OutboxRelay:
     async def _mark_published(self, conn: AsyncConnection, ids: list[int]) -> None:
         outbox = self._outbox
         await conn.execute(
-            update(outbox).where(outbox.c.id.in_(ids)).values(published_at=func.now())
+            update(outbox)
+            # One prepared statement whatever the batch size (`IN` renders one per size).
+            .where(outbox.c.id == any_(bindparam(None, ids, type_=ARRAY(BigInteger))))
+            .values(published_at=func.now())
         )
 
     async def purge(self) -> int:

@@ -133,9 +133,7 @@ class CommandService:
             now = self.clock()
             values = self._row(new, who, now=now, ttl_s=ttl_s, params=params)
             values.update(status="queued", dispatch_params=dispatch_params, ota_version=version)
-            await store.insert_command(session, values)
-            row = await store.get_command(session, values["id"])
-            assert row is not None  # noqa: S101 - inserted just above
+            row = await store.insert_command(session, values)
             await self._dispatch(session, row)
             await self._record(session, store.to_domain(row), "commands", now)
         return Accepted(row, replayed=False)
@@ -231,9 +229,7 @@ class CommandService:
             now = self.clock()
             values = self._row(new, who, now=now, ttl_s=0, params=new.params)
             values.update(status="rejected", detail=reason, dispatch_params={})
-            await store.insert_command(session, values)
-            row = await store.get_command(session, values["id"])
-            assert row is not None  # noqa: S101
+            row = await store.insert_command(session, values)
             await self._record(session, store.to_domain(row), "commands", now)
 
     # ------------------------------------------------------------ time

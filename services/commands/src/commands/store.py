@@ -8,6 +8,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     DateTime,
     Float,
     ForeignKey,
@@ -18,6 +19,8 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    any_,
+    bindparam,
     func,
     literal,
     or_,
@@ -25,7 +28,7 @@ from sqlalchemy import (
     text,
     tuple_,
 )
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from commands import domain
@@ -243,11 +246,17 @@ async def record_presences(
     )
 
 
+def _one_of(column: ColumnElement[str], values: Collection[str]) -> ColumnElement[bool]:
+    """`column = ANY($1)`: one prepared statement for any number of values (`IN` renders one
+    placeholder per value, so every batch size was another statement to prepare)."""
+    return column == any_(bindparam(None, list(values), type_=ARRAY(String)))
+
+
 async def states_of(conn: Conn, device_ids: Collection[str]) -> dict[str, Row[Any]]:
     """The last presence and run state of each of `device_ids` that has one."""
     if not device_ids:
         return {}
-    query = select(device_state).where(device_state.c.device_id.in_(list(device_ids)))
+    query = select(device_state).where(_one_of(device_state.c.device_id, device_ids))
     return {row.device_id: row for row in (await conn.execute(query)).all()}
 
 
@@ -335,7 +344,7 @@ async def commands_by_id(conn: Conn, ids: Collection[str]) -> dict[str, Row[Any]
     so concurrent batches cannot deadlock)."""
     if not ids:
         return {}
-    query = select(commands).where(commands.c.id.in_(sorted(ids))).order_by(commands.c.id)
+    query = select(commands).where(_one_of(commands.c.id, sorted(ids))).order_by(commands.c.id)
     rows = (await conn.execute(query.with_for_update())).all()
     return {row.id: row for row in rows}
 
@@ -349,7 +358,7 @@ async def active_for_devices(
     query = (
         select(commands)
         .where(
-            commands.c.device_id.in_(sorted(device_ids)),
+            _one_of(commands.c.device_id, sorted(device_ids)),
             commands.c.status.in_(domain.ACTIVE),
             commands.c.action.in_(actions),
         )
@@ -371,9 +380,13 @@ async def count_active(conn: Conn) -> dict[str, int]:
     return counts
 
 
-async def insert_command(conn: Conn, values: dict[str, Any]) -> None:
-    """Store a new command."""
-    await conn.execute(commands.insert().values(**values))
+# Values go as parameters, not `.values(...)`: one cached statement for every insert.
+_INSERT_RETURNING = commands.insert().returning(*commands.c)
+
+
+async def insert_command(conn: Conn, values: dict[str, Any]) -> Row[Any]:
+    """Store a new command; returns its row as stored (defaults included)."""
+    return (await conn.execute(_INSERT_RETURNING, values)).one()
 
 
 async def save(conn: Conn, cmd: domain.Command, at: datetime) -> None:
