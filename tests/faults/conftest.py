@@ -5,13 +5,13 @@ killing a service never touches the shared stack other people and tests use. The
 fixture stops all of it at the end, whatever happened. `FAULTS_KEEP_SERVERS=1` leaves the
 private servers running for a faster next run while iterating (services always stop).
 
-Scale (2-core machine, shared with the real stack): `FAULTS_DEVICES` simulated devices in each
-rollout (default 20; the issue says 200) and `FAULTS_COMMANDS` commands per burst (default 50;
-the issue says 500). `FAULTS_CASE_TIMEOUT_S` bounds each case (default 900 s: the first one
-also starts the private platform). Measured at the defaults on the loaded 2-core machine:
-platform start ~75 s; restart of Kafka ~150 s, PostgreSQL ~30-80 s, Redis ~40 s, Mosquitto
-~40 s; SIGKILL of each service in turn ~95 s; the schema fuzzing dominates (see
-test_schema_fuzz.py). SIGTERM unwinds into the teardown, so the private stack stops even when
+Scale: `FAULTS_DEVICES` simulated devices in each rollout (default 200, the issue's figure) and
+`FAULTS_COMMANDS` commands per burst (default 500, likewise); lower them to iterate.
+`FAULTS_CASE_TIMEOUT_S` bounds each case (default 900 s: the first one also starts the private
+platform). Measured at the defaults on the 2-core machine while other tests ran (2026-11-26):
+restart of Kafka 89 s, PostgreSQL 50 s, Redis 77 s, Mosquitto 122 s; SIGKILL of each service
+in turn 93 s, SIGTERM likewise 97 s; the seven cases besides the schema fuzzing 10 min 40 s.
+SIGTERM unwinds into the teardown, so the private stack stops even when
 the run is cancelled.
 """
 

@@ -39,8 +39,8 @@ SERVER_PORTS = {
 SERVICE_PORTS = {svc: 18101 + n for n, svc in enumerate(SERVICES)}
 OBSERVER_USER = "faults-observer"
 OBSERVER_PASSWORD = "faults-observer-dev"
-DEVICES = int(os.environ.get("FAULTS_DEVICES", "20"))
-COMMANDS = int(os.environ.get("FAULTS_COMMANDS", "50"))
+DEVICES = int(os.environ.get("FAULTS_DEVICES", "200"))
+COMMANDS = int(os.environ.get("FAULTS_COMMANDS", "500"))
 TIME_FACTOR = float(os.environ.get("FAULTS_TIME_FACTOR", "0.1"))
 # Environment prefixes of the shared stack that must not leak into the private one.
 _FOREIGN_PREFIXES = ("AUTOGEN_", *(f"{svc.upper()}_" for svc in SERVICES), "GATEWAY_MQTT_")
