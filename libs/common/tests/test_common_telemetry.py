@@ -3,14 +3,17 @@
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
 from opentelemetry import propagate
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from common.settings import OtelExporter
-from common.telemetry import current_trace_headers, setup_tracing, trace_id_of
+from common.telemetry import current_trace_headers, instrument_app, setup_tracing, trace_id_of
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -77,3 +80,36 @@ def test_with_somewhere_to_send_spans_they_are_recorded_and_a_sampled_parent_is_
     silent = setup_tracing("tests", exporter=OtelExporter.NONE).get_tracer("tests")
     with silent.start_as_current_span("handler", context=propagate.extract(sampled)) as span:
         assert span.is_recording()
+
+
+def _app_reporting_its_trace_context(provider: TracerProvider) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/where")
+    async def where() -> dict[str, str]:
+        return current_trace_headers()
+
+    instrument_app(app, provider)
+    return app
+
+
+async def test_a_service_that_exports_nothing_still_continues_the_callers_trace() -> None:
+    app = _app_reporting_its_trace_context(setup_tracing("tests", exporter=OtelExporter.NONE))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        continued = (await http.get("/where", headers={"traceparent": TRACEPARENT})).json()
+        fresh = (await http.get("/where")).json()
+    assert trace_id_of(continued) == TRACE_ID
+    assert trace_id_of(fresh) not in (None, TRACE_ID)  # a trace of its own, still carried on
+
+
+async def test_a_service_that_exports_records_a_server_span_per_request() -> None:
+    spans = InMemorySpanExporter()
+    provider = setup_tracing(
+        "tests", exporter=OtelExporter.NONE, extra_processors=(SimpleSpanProcessor(spans),)
+    )
+    app = _app_reporting_its_trace_context(provider)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        answer = (await http.get("/where", headers={"traceparent": TRACEPARENT})).json()
+    assert trace_id_of(answer) == TRACE_ID
+    server = [s for s in spans.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert [s.name for s in server] == ["GET /where"]
