@@ -17,8 +17,10 @@ record's context only).
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from faststream import AckPolicy
@@ -152,7 +154,7 @@ def subscribe_batch(
         await msg.ack()
 
     for member in range(consumers):
-        broker.subscriber(
+        subscriber = broker.subscriber(
             name,
             group_id=group_id,
             batch=True,
@@ -164,5 +166,35 @@ def subscribe_batch(
             description=topic.description,
             parser=_first_record_context,
             decoder=_undecoded,
-        )(consume)
+        )
+        subscriber(consume)
+        _poll_without_idle_sleep(subscriber)
     return stats
+
+
+# The poll's clock and sleep (tests move time themselves).
+_clock = time.monotonic
+_sleep = asyncio.sleep
+
+
+def _poll_without_idle_sleep(subscriber: Any) -> None:
+    """After a poll that found nothing, FastStream's batch subscriber sleeps `batch_timeout_ms`
+    more on top of the poll's own wait of that long, so a record arriving meanwhile waited up to
+    that long again (on every hop of a command's round trip). The sleep guards against a poll
+    that comes back empty at once (aiokafka does while partitions are reassigned): that case
+    (back before half the timeout) still waits out the rest, so the loop never spins."""
+    timeout_s = subscriber.batch_timeout_ms / 1000
+
+    async def get_msg(consumer: Any) -> tuple[Any, ...]:
+        started = _clock()
+        batches = await consumer.getmany(
+            timeout_ms=subscriber.batch_timeout_ms, max_records=subscriber.max_records
+        )
+        if batches:
+            return tuple(chain.from_iterable(batches.values()))
+        rest = timeout_s - (_clock() - started)
+        if rest > timeout_s / 2:
+            await _sleep(rest)
+        return ()
+
+    subscriber.get_msg = get_msg

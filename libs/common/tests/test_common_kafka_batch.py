@@ -1,0 +1,94 @@
+"""`common.kafka_batch`: how a batch consumer polls (no servers needed)."""
+
+from typing import Any, cast
+
+import anyio
+import pytest
+from faststream.kafka import KafkaBroker
+
+from common import kafka_batch
+from common.contracts import device
+from common.kafka_batch import subscribe_batch
+
+TIMEOUT_MS = 20
+
+
+class Clock:
+    """`time.monotonic` and `asyncio.sleep` of the module, on a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class Consumer:
+    """A consumer whose poll returns `batches` after `waits` seconds."""
+
+    def __init__(self, clock: Clock, waits: float, batches: dict[str, list[str]]) -> None:
+        self.clock, self.waits, self.batches = clock, waits, batches
+        self.polls: list[dict[str, Any]] = []
+
+    async def getmany(self, **kwargs: Any) -> dict[str, list[str]]:
+        self.polls.append(kwargs)
+        self.clock.now += self.waits
+        return self.batches
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(kafka_batch, "_clock", fake.monotonic)
+    monkeypatch.setattr(kafka_batch, "_sleep", fake.sleep)
+    # FastStream's own poll sleeps with anyio: seen too, should it come back.
+    monkeypatch.setattr(anyio, "sleep", fake.sleep)
+    return fake
+
+
+def poll() -> Any:
+    broker = KafkaBroker("127.0.0.1:1")
+
+    async def handler(_: Any) -> None:
+        return None
+
+    subscribe_batch(
+        broker,
+        device.TELEMETRY,
+        group_id="g",
+        handler=handler,
+        source="tests",
+        batch_timeout_ms=TIMEOUT_MS,
+        max_records=7,
+    )
+    (subscriber,) = broker.subscribers
+    return cast(Any, subscriber).get_msg
+
+
+async def test_records_are_handed_over_at_once_as_one_batch(clock: Clock) -> None:
+    consumer = Consumer(clock, waits=0.001, batches={"p0": ["a", "b"], "p1": ["c"]})
+    assert await poll()(consumer) == ("a", "b", "c")
+    assert consumer.polls == [{"timeout_ms": TIMEOUT_MS, "max_records": 7}]
+    assert clock.slept == []
+
+
+async def test_a_poll_that_waited_its_timeout_is_not_followed_by_another_wait(
+    clock: Clock,
+) -> None:
+    # FastStream's own loop slept the timeout again here: a record arriving in that sleep
+    # waited for it on every hop of a command's round trip.
+    consumer = Consumer(clock, waits=TIMEOUT_MS / 1000, batches={})
+    assert await poll()(consumer) == ()
+    assert clock.slept == []
+
+
+async def test_a_poll_that_came_back_empty_at_once_waits_out_the_rest(clock: Clock) -> None:
+    # aiokafka does that while partitions are reassigned: the loop must not spin.
+    consumer = Consumer(clock, waits=0.005, batches={})
+    assert await poll()(consumer) == ()
+    assert clock.slept == [pytest.approx(0.015)]
