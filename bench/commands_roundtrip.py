@@ -23,16 +23,7 @@ more CPU than the commands on a 2-core machine and made it slower than what it m
 platform phase also prints, per stage, when the dispatch reached Kafka, when the gateway said
 `sent` and when `succeeded` was published, after the POST: where the time goes.
 
-Figures (2 cores shared with the stack and other engineers' benchmarks, load average 6-18,
-2026-11-25; not a quiet machine): 200 devices at 20/s: raw MQTT p50 77 ms / p99 164 ms, the
-project's path p50 9.6 s / p99 10.6 s with 132 of 200 not done in 10 s. 1,000 devices at
-50/s: raw p50 293 ms / p99 857 ms; the project's path: 13 of 500 done, 35 POSTs 503 (the
-service's connection pool exhausted while its transactions waited for a CPU-starved
-process), sampled commands still `queued` after 10 s; the gateway's dispatch consumer logged
-"MQTT publish not acknowledged within 10.0s". A second 1,000-device run: dispatches reached
-Kafka p50 5.5 s after the POST, the gateway said `sent` for none of them within 10 s, and the
-broker (Mosquitto at ~50 % CPU) timed out the raw baseline's own publishes. Far from the
-15 / 50 ms target; to be re-measured on a quiet machine.
+Figures: services/commands/README.md ("Benchmark").
 """
 
 import argparse
