@@ -160,7 +160,8 @@ def subscribe(
         dead_lettered.inc()
         await msg.ack()
 
-    async def consume(msg: KafkaMessage) -> None:
+    async def consume() -> None:
+        msg: KafkaMessage = broker.context.get_local("message")
         record = msg.raw_message
         try:
             event = topic.parse(record.value)  # type: ignore[union-attr]
@@ -200,8 +201,18 @@ def subscribe(
         ack_policy=AckPolicy.MANUAL,
         title=f"{group_id}:{name}",
         description=topic.description,
+        decoder=_undecoded,
     )(consume)
     return stats
+
+
+async def _undecoded(message: Any) -> None:
+    """No decoded body: `consume` parses the raw record by the topic's contract itself.
+
+    Nor does `consume` take the message as a `KafkaMessage` parameter: FastDepends resolves
+    such a context parameter with a synchronous function, in a worker thread, for every
+    message (a thread hop per record); it reads it from the context instead."""
+    return
 
 
 async def dead_letter(

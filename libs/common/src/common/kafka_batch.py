@@ -108,7 +108,9 @@ def subscribe_batch(
         stats.dead_lettered += 1
         dead_lettered.inc()
 
-    async def consume(msg: KafkaMessage) -> None:
+    async def consume() -> None:
+        # From the context, not a parameter: see `common.kafka._undecoded`.
+        msg: KafkaMessage = broker.context.get_local("message")
         raw = msg.raw_message
         records = raw if isinstance(raw, tuple) else (raw,)
         valid: list[Envelope[DataT]] = []
