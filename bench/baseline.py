@@ -31,6 +31,7 @@ from common.testing.stack import (
     StackAddresses,
     create_database,
     create_topics,
+    delete_topics_with_prefix,
     drop_database,
     load_stack_env,
 )
@@ -180,23 +181,30 @@ async def main() -> int:
     topics = [f"bench.{run}.java", f"bench.{run}.aiokafka", f"bench.{run}.relay"]
     await create_topics(stack.kafka_bootstrap_servers, topics, partitions=6)
     java_topic, py_topic, relay_topic = topics
-    print(
-        f"baseline: {args.events} events of {PAYLOAD_BYTES} bytes, acks=all, idempotent, "
-        f"linger.ms={args.linger_ms}, 6 partitions, on {os.cpu_count()} cores"
-    )
+    try:
+        print(
+            f"baseline: {args.events} events of {PAYLOAD_BYTES} bytes, acks=all, idempotent, "
+            f"linger.ms={args.linger_ms}, 6 partitions, on {os.cpu_count()} cores"
+        )
 
-    java = await asyncio.to_thread(
-        kafka_producer_performance,
-        stack.kafka_bootstrap_servers,
-        java_topic,
-        args.events,
-        args.linger_ms,
-    )
-    print(f"  Kafka ProducerPerformance (Java client) {java:>10,.0f} events/s")
-    bare = await aiokafka_rate(stack.kafka_bootstrap_servers, py_topic, args.events, args.linger_ms)
-    print(f"  bare aiokafka producer                  {bare:>10,.0f} events/s")
-    relay = await relay_rate(stack, relay_topic, args.events, args.linger_ms, args.relay_batch)
-    print(f"  outbox relay (read, publish, mark)      {relay:>10,.0f} events/s  (target >= 5,000)")
+        java = await asyncio.to_thread(
+            kafka_producer_performance,
+            stack.kafka_bootstrap_servers,
+            java_topic,
+            args.events,
+            args.linger_ms,
+        )
+        print(f"  Kafka ProducerPerformance (Java client) {java:>10,.0f} events/s")
+        bare = await aiokafka_rate(
+            stack.kafka_bootstrap_servers, py_topic, args.events, args.linger_ms
+        )
+        print(f"  bare aiokafka producer                  {bare:>10,.0f} events/s")
+        relay = await relay_rate(stack, relay_topic, args.events, args.linger_ms, args.relay_batch)
+        print(
+            f"  outbox relay (read, publish, mark)      {relay:>10,.0f} events/s  (target >= 5,000)"
+        )
+    finally:
+        await delete_topics_with_prefix(stack.kafka_bootstrap_servers, f"bench.{run}.")
     print(metric("aiokafka_producer_events_per_s", bare, java, "Kafka ProducerPerformance"))
     print(metric("outbox_relay_events_per_s", relay, bare, "bare aiokafka producer"))
     print(metric("outbox_relay_vs_java_events_per_s", relay, java, "Kafka ProducerPerformance"))

@@ -56,6 +56,7 @@ from common.testing.stack import (
     StackAddresses,
     create_database,
     create_topics,
+    delete_topics_with_prefix,
     drop_database,
     free_port,
     load_stack_env,
@@ -364,6 +365,18 @@ async def wait_online(bootstrap: str, topic: str, ids: set[str], deadline_s: flo
     return len(online & ids)
 
 
+def served(procs: list[subprocess.Popen[bytes]]) -> list[tuple[str, subprocess.Popen[bytes]]]:
+    """The gateway and the commands service (started first, in that order)."""
+    return list(zip(("gateway", "commands"), procs[:2], strict=False))
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc): what a command costs, which
+    latency alone hides once the machine is saturated."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def metric(name: str, value: float, baseline: float) -> str:
     return json.dumps(
         {
@@ -473,8 +486,18 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                         raw, raw_lost = await raw_round_trips(
                             broker, raw_account, ids, args.rate, args.seconds
                         )
+                        before = {name: cpu_s(proc.pid) for name, proc in served(procs)}
                         ours, ours_lost = await platform_round_trips(
                             base, issuer, watch, ids, rate=args.rate, seconds=args.seconds
+                        )
+                        sent = int(args.rate * args.seconds)
+                        print(
+                            "  CPU per command (the phase's CPU time over its commands): "
+                            + ", ".join(
+                                f"{name} {(cpu_s(proc.pid) - before[name]) / sent * 1000:.1f} ms"
+                                for name, proc in served(procs)
+                            ),
+                            flush=True,
                         )
         finally:
             for proc in reversed(procs):
@@ -483,6 +506,7 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                 await remove_load_account(admin, tag)
             for db in dbs.values():
                 await drop_database(stack.pg_admin_url, db)
+            await delete_topics_with_prefix(stack.kafka_bootstrap_servers, prefix)
     for label, values, lost in (
         ("raw MQTT command -> device ack", raw, raw_lost),
         ("POST -> ack -> succeeded by GET", ours, ours_lost),

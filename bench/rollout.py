@@ -50,6 +50,7 @@ from common.testing.auth import TestIssuer
 from common.testing.stack import (
     create_database,
     create_topics,
+    delete_topics_with_prefix,
     drop_database,
     free_port,
     load_stack_env,
@@ -416,6 +417,7 @@ async def main() -> int:  # noqa: PLR0915 - one linear script
         jwks.close()
         await engine.dispose()
         await drop_database(admin_url, database)
+        await delete_topics_with_prefix(bootstrap, prefix)
 
     metrics = [
         (
