@@ -101,20 +101,25 @@ def watch_fleet_console(page: Page, version: str, live_targets: set[str]) -> Non
     page.get_by_label("Firmware").fill(version)
     page.get_by_role("button", name="Search").click()
 
-    def updated() -> set[str]:
-        # One snapshot in the page: the rows are swapped by the live refresh between calls.
-        live: list[str] = page.eval_on_selector_all(
+    def updated() -> set[str] | None:
+        # One snapshot of the rows (the live refresh swaps them between calls): the live ids,
+        # once every row listed is on `version`. Until the filtered search has rendered, the
+        # table may still list the model's other units on the old version.
+        rows: list[list[str]] = page.eval_on_selector_all(
             "#fleet-rows tr[data-device-id]",
-            """rows => rows
-                .filter(r => r.querySelector('[data-testid=connection]')
-                    ?.innerText.trim() === 'live')
-                .map(r => r.dataset.deviceId)""",
+            """rows => rows.map(r => [
+                r.dataset.deviceId,
+                r.querySelector('[data-testid=connection]')?.innerText.trim() ?? '',
+                r.querySelector('[data-testid=firmware]')?.innerText.trim() ?? '',
+            ])""",
         )
-        return set(live)
+        if not rows or any(firmware != version for _, _, firmware in rows):
+            return None
+        return {device for device, connection, _ in rows if connection == "live"}
 
     wait_for(
         f"every live {MODEL} {ENGINE} {TRANSPORT} unit to report {version} in the Fleet Console",
-        lambda: live_targets <= updated() or None,
+        lambda: live_targets <= (updated() or set()) or None,
         deadline_s=OTA_DEADLINE_S,
     )
     shown: list[str] = page.eval_on_selector_all(

@@ -624,8 +624,12 @@ async def test_wrong_version_fails_and_crossing_the_threshold_pauses(fw: Firmwar
 
     paused = await fw.until_status(rollout_id, "paused")
     assert paused["status_reason"] == "threshold"
-    assert paused["counts"]["failed"] == 1
-    assert paused["counts"]["pending"] == 3
+    # Once in CI (loaded machine) the first pause counted 2 failed: the devices' states then
+    # say which unit went out when.
+    assert (paused["counts"]["failed"], paused["counts"]["pending"]) == (1, 3), (
+        paused,
+        await fw.devices(rollout_id),
+    )
     first = (await fw.devices(rollout_id))[units[0]]
     assert first["state"] == "failed"
     assert "9.9.9" in first["detail"]
