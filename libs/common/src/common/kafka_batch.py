@@ -33,7 +33,7 @@ from common.contracts import platform
 from common.contracts.topic import Topic
 from common.events import DataT, Envelope
 from common.http import is_unavailable
-from common.kafka import TRANSIENT_ERRORS, ConsumerStats, _describe, dead_letter
+from common.kafka import TRANSIENT_ERRORS, ConsumerStats, _describe, _undecoded, dead_letter
 from common.metrics import KAFKA_CONSUMED
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,6 @@ async def _first_record_context(
     message = await original(records)
     message.batch_headers = message.batch_headers[:1]
     return message
-
-
-async def _undecoded(message: StreamMessage[Any]) -> None:
-    """No body for the handler: it parses `raw_message` by the topic's contract itself."""
-    return
 
 
 def subscribe_batch(
