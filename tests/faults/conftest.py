@@ -186,8 +186,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             continue
         terminalreporter.write_line(
             f"{record['case']}: lost={record['lost']} duplicated={record['duplicated']} "
-            f"stuck={record['stuck']} 5xx={record['errors_5xx']} "
+            f"stuck={record['stuck']} 5xx={record['errors_5xx']} late={record.get('late', 0)} "
             f"(accepted {record['accepted']}, rollout confirmed {record['confirmed']} "
             f"failed {record['failed']}, 503 retried {record['unavailable']}, "
             f"{record.get('elapsed_s', 0):.0f}s)"
         )
+        for note in record.get("notes", []):
+            if note.startswith(("machine:", "failed e.g.")) or "expired" in note:
+                terminalreporter.write_line(f"    {note}")

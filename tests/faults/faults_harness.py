@@ -394,6 +394,39 @@ class Platform:
         self.admin_headers = self.login(admin["email"], admin["password"])
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (from /proc), or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(stack: "PrivateStack") -> dict[str, tuple[int, float]]:
+    """Per service and the simulator: (pid, CPU seconds so far)."""
+    procs = {name: svc.process for name, svc in stack.services.items()}
+    procs["simulator"] = stack.simulator
+    found = {}
+    for name, proc in procs.items():
+        if proc is not None and (used := cpu_seconds(proc.pid)) is not None:
+            found[name] = (proc.pid, used)
+    return found
+
+
+def machine_note(stack: "PrivateStack", before: dict[str, tuple[int, float]], took: float) -> str:
+    """How busy the machine and each process were during a case (for reading a failure)."""
+    after = cpu_snapshot(stack)
+    used = []
+    for name, (pid, cpu) in after.items():
+        start = before.get(name)
+        # A service restarted during the case counts from its new start.
+        spent = cpu - start[1] if start is not None and start[0] == pid else cpu
+        used.append(f"{name} {spent:.0f}s ({100 * spent / max(took, 1):.0f}%)")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"machine: {os.cpu_count()} CPUs, load {load}; CPU used: {', '.join(used)}"
+
+
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Records of a JSON-lines file, skipping a partial last line."""
     if not path.exists():

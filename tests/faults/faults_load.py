@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from faults_harness import read_jsonl, wait_for
+from faults_harness import cpu_snapshot, machine_note, read_jsonl, wait_for
 
 FINAL_COMMAND = {"succeeded", "failed", "expired", "rejected"}
 FINAL_DEVICE = {"confirmed", "failed"}
@@ -37,6 +37,10 @@ class Counts:
     failed: int = 0
     failed_without_reason: int = 0
     refused: int = 0  # commands answered 4xx other than 409 (a conflict with device state)
+    # Commands that expired and rollout devices that never started their update: the outages
+    # here last seconds against TTLs and deadlines of minutes, so these mean the platform did
+    # not deliver in time (a few may age out on a loaded machine; most may not).
+    late: int = 0
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -46,7 +50,8 @@ class Counts:
             f"FAULTS {self.case}: lost={self.lost} duplicated={self.duplicated} "
             f"stuck={self.stuck} 5xx={self.errors_5xx} | accepted={self.accepted} "
             f"rollout confirmed={self.confirmed} failed={self.failed} "
-            f"retried_503={self.unavailable} refused={self.refused} took={self.elapsed_s:.0f}s"
+            f"retried_503={self.unavailable} refused={self.refused} late={self.late} "
+            f"took={self.elapsed_s:.0f}s"
             + (f" | {'; '.join(self._grouped_notes())}" if self.notes else "")
         )
 
@@ -70,6 +75,7 @@ class Load:
         self._futures: list[concurrent.futures.Future[None]] = []
         self._acks_from = _line_count(platform.acks_file)
         self._started = time.monotonic()
+        self._cpu_before = cpu_snapshot(platform.stack)
 
     def call(
         self,
@@ -235,8 +241,11 @@ class Load:
         expired = sum(1 for s in statuses.values() if s == "expired")
         if expired:
             c.notes.append(f"{expired} commands expired")
+        never_started = [d for d in failed if "did not start" in (d.get("detail") or "")]
+        c.late = expired + len(never_started)
         c.duplicated = self._ran_twice()
         c.elapsed_s = round(time.monotonic() - self._started, 1)
+        c.notes.append(machine_note(self.platform.stack, self._cpu_before, c.elapsed_s))
         return c
 
     def _ran_twice(self) -> int:

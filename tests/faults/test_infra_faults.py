@@ -15,6 +15,7 @@ from faults_load import Counts, Load, report
 # The readiness check that names each server in a service's /readyz document.
 CHECK_OF = {"kafka": "kafka", "postgres": "database", "redis": "redis", "mosquitto": "mqtt"}
 GRACE_S = 20.0  # the k8s/compose grace period: SIGTERM to exit
+LATE_SHARE = 0.05
 
 
 def assert_clean(counts: Counts) -> None:
@@ -26,6 +27,10 @@ def assert_clean(counts: Counts) -> None:
     assert counts.failed_without_reason == 0, counts.line()
     assert counts.refused == 0, counts.line()
     assert counts.accepted > 0, counts.line()
+    # Late: expired commands and devices that never started (see `Counts.late`).
+    assert counts.late <= LATE_SHARE * (counts.accepted + counts.confirmed + counts.failed), (
+        counts.line()
+    )
 
 
 def probe_outage_request(platform: Platform) -> httpx.Response | None:

@@ -209,11 +209,46 @@ def test_report_about_another_command_is_ignored() -> None:
 
 def test_deadline_fails_in_flight_devices_only_when_due() -> None:
     p = replace(sent(), state="awaiting_return")
-    assert on_deadline(p, now=T0 + timedelta(minutes=9)) is None
-    change = on_deadline(p, now=T0 + timedelta(minutes=10))
+    assert on_deadline(p, now=T0 + timedelta(minutes=9), policy=POLICY) is None
+    change = on_deadline(p, now=T0 + timedelta(minutes=10), policy=POLICY)
     assert change is not None
     assert change.after.state == "failed"
-    assert on_deadline(Progress("pending"), now=T0 + timedelta(days=1)) is None
+    assert on_deadline(Progress("pending"), now=T0 + timedelta(days=1), policy=POLICY) is None
+
+
+def test_the_deadline_window_starts_again_when_the_device_starts() -> None:
+    # The request waited 7 of its 10 minutes in the platform (a backlog, a broker outage).
+    started = T0 + timedelta(minutes=7)
+    change = on_ota_report(
+        sent(), command_id="c1", phase="downloading", detail=None, now=started, policy=POLICY
+    )
+    assert change is not None
+    assert change.after.deadline_at == started + timedelta(minutes=10)
+    updating = change.after
+    assert on_deadline(updating, now=T0 + timedelta(minutes=12), policy=POLICY) is None
+    # Later phases do not push it further.
+    later = on_ota_report(
+        updating,
+        command_id="c1",
+        phase="installing",
+        detail=None,
+        now=started + timedelta(minutes=5),
+        policy=POLICY,
+    )
+    assert later is not None
+    assert later.after.deadline_at == updating.deadline_at
+
+
+def test_a_device_that_never_started_is_retried_then_failed() -> None:
+    first = on_deadline(sent(), now=T0 + timedelta(minutes=10), policy=POLICY)
+    assert first is not None
+    assert first.after.state == "pending"  # attempt 1 of 1 + max_retries
+    assert first.after.next_attempt_at == T0 + timedelta(minutes=10, seconds=30)
+    again = dispatch(first.after, now=T0 + timedelta(minutes=11), deadline=timedelta(minutes=10))
+    last = on_deadline(again.after, now=T0 + timedelta(minutes=21), policy=POLICY)
+    assert last is not None
+    assert last.after.state == "failed"
+    assert "did not start the update within 600s" in (last.after.detail or "")
 
 
 def test_gsm_and_gps_units_get_longer_than_wifi_units() -> None:

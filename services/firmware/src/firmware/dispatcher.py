@@ -125,7 +125,7 @@ class Dispatcher:
         tracked = []
         infos: dict[str, RolloutInfo] = {}
         for row in rows:
-            change = on_deadline(progress_of(row), now=now)
+            change = on_deadline(progress_of(row), now=now, policy=self._policy)
             if change is None:
                 continue
             if row.rollout_id not in infos:

@@ -248,7 +248,19 @@ def on_ota_report(
     if phase == "failed":
         why = "device reported OTA failure" + (f": {detail}" if detail else "")
         return Change(progress, _failure(current, detail=why, now=now, policy=policy))
+    if progress.state == "sent":
+        # The device's own time starts when it starts: the whole window again from here, so
+        # time the request spent queued in the platform (a backlog, a broker outage) is not
+        # counted against the device ("Do not assume failure too quickly").
+        current = replace(current, deadline_at=_restarted(progress, now))
     return Change(progress, replace(current, state="updating"))
+
+
+def _restarted(progress: Progress, now: datetime) -> datetime | None:
+    """`now` plus the device's deadline window (the request's deadline minus its time)."""
+    if progress.deadline_at is None or progress.sent_at is None:
+        return progress.deadline_at
+    return max(progress.deadline_at, now + (progress.deadline_at - progress.sent_at))
 
 
 def on_presence(  # noqa: PLR0911 - one return per case of the README table
@@ -280,13 +292,18 @@ def on_presence(  # noqa: PLR0911 - one return per case of the README table
     return Change(progress, reported) if reported != progress else None
 
 
-def on_deadline(progress: Progress, *, now: datetime) -> Change | None:
-    """The device did not come back live with the new version in time."""
+def on_deadline(progress: Progress, *, now: datetime, policy: Policy) -> Change | None:
+    """The device did not start the update, or did not come back with it, in time."""
     if progress.state not in IN_FLIGHT or progress.deadline_at is None:
         return None
     if now < progress.deadline_at:
         return None
     waited = (progress.deadline_at - progress.sent_at).total_seconds() if progress.sent_at else 0
+    if progress.state == "sent":
+        # Never started (the command did not reach it, or reached it too late): like an
+        # expired command, worth another attempt while attempts remain.
+        why = f"did not start the update within {waited:.0f}s of the request"
+        return Change(progress, _failure(progress, detail=why, now=now, policy=policy))
     why = f"not back with the new version within {waited:.0f}s (state {progress.state})"
     return Change(progress, replace(progress, state="failed", deadline_at=None, detail=why))
 
