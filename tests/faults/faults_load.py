@@ -192,8 +192,12 @@ class Load:
 
     # --- the verdict ---------------------------------------------------------------------
 
-    def settle(self, timeout: float = 180.0) -> Counts:
-        """Wait until everything is final (or the deadline), then count."""
+    def settle(self, timeout: float = 300.0) -> Counts:
+        """Wait until everything is final (or the deadline), then count.
+
+        The wait is longer than the commands' TTL (2 min for Start and Stop) so that a slow
+        machine still sees each command to its end; a command not final by then is stuck.
+        """
         self.wait_sent()
         self.counts.accepted = len(self.accepted)
         statuses: dict[str, str] = {}

@@ -12,6 +12,7 @@ record decides the offset:
 
 import asyncio
 import base64
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -79,6 +87,45 @@ class Backoff:
     def reset(self) -> None:
         """After a success: the next failure starts from `base_s` again."""
         self.attempt = 0
+
+
+# An idempotent aiokafka producer never gets over these by itself (the Java client bumps its
+# epoch or takes a new producer id): once a broker outage timed a batch out, every later batch
+# to that partition fails alike until a new producer replaces it (aio-libs/aiokafka#1017). Seen
+# here after a Kafka restart: the gateway's uplinks failed for minutes, devices' acks with them.
+PRODUCER_FATAL_ERRORS: tuple[type[BaseException], ...] = (
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+    ProducerFenced,
+)
+
+
+def needs_new_producer(exc: BaseException | None) -> bool:
+    """Did `exc` (or what caused it) leave the producer unusable, so it must be replaced?"""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, PRODUCER_FATAL_ERRORS):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+async def replace_producer(
+    old: AIOKafkaProducer, make: Callable[[], AIOKafkaProducer]
+) -> AIOKafkaProducer:
+    """Start a new producer (a new producer id, sequences from zero), then close the old one.
+
+    Raises if the new one cannot start (Kafka away): the caller keeps the old one and tries
+    again later. Whatever the old one still had in flight fails, and its owner resends it.
+    """
+    new = make()
+    await new.start()
+    logger.warning("kafka producer replaced after a fatal idempotence error")
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(old.stop(), timeout=10)
+    return new
 
 
 class PermanentError(Exception):

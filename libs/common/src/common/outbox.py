@@ -18,6 +18,7 @@ event: the poll stays the safety net.
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 import weakref
@@ -53,6 +54,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from common.contracts.topic import Topic
 from common.events import DataT, Envelope, encode
+from common.kafka import needs_new_producer, replace_producer
 from common.metrics import OUTBOX_PUBLISHED
 from common.telemetry import current_trace_headers
 
@@ -178,7 +180,8 @@ class OutboxRelay:
         self._retention = retention
         self._topic_prefix = topic_prefix
         self._lock_key = zlib.crc32(f"outbox-relay:{outbox.fullname}".encode())
-        self._producer = AIOKafkaProducer(
+        self._make_producer = functools.partial(
+            AIOKafkaProducer,
             bootstrap_servers=bootstrap_servers,
             client_id=f"{client_id}-outbox",
             acks="all",
@@ -186,6 +189,7 @@ class OutboxRelay:
             linger_ms=linger_ms,
             max_batch_size=256 * 1024,
         )
+        self._producer = self._make_producer()
         self.stats = RelayStats()
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -241,10 +245,14 @@ class OutboxRelay:
                 if clock() >= next_purge:
                     next_purge = clock() + purge_every_s
                     await self.purge()
-            except Exception:
+            except Exception as exc:
                 self.stats.errors += 1
                 logger.exception("outbox relay failed; retrying")
                 count = 0
+                if needs_new_producer(exc):
+                    # The rows stay unpublished and go out again on the new producer.
+                    with contextlib.suppress(Exception):
+                        self._producer = await replace_producer(self._producer, self._make_producer)
                 await _wait(stop, min(5.0, self._poll_interval_s * 20))
             idle = self._idle_wait(listener)
             if count < self._batch_size and await _wait(stop, idle, self._wake):

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -29,8 +30,7 @@ def create_app(
     settings = settings or GatewaySettings()
     infra = Infra.build(settings, outbox=store.outbox, span_processors=span_processors)
     assert infra.sessions is not None  # noqa: S101 - the gateway has a database
-    producer = make_producer(settings)
-    bridge = Bridge(settings, producer)
+    bridge = Bridge(settings, functools.partial(make_producer, settings))
     # The app's own provider, not the global one: several apps may share a process (tests).
     bridge.traces.use(infra.tracer_provider)
     admin = DynsecAdmin(
@@ -48,7 +48,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         stop = asyncio.Event()
         async with infra.running():
-            await producer.start()
+            await bridge.start_producer()
             tasks = [
                 asyncio.create_task(bridge.run(stop), name="mqtt-bridge"),
                 asyncio.create_task(admin.run(stop), name="dynsec-admin"),
@@ -60,8 +60,7 @@ def create_app(
                 await asyncio.wait(tasks, timeout=10)
                 for task in tasks:
                     task.cancel()
-                # Flushes what is in flight; un-acked MQTT messages stay with the broker anyway.
-                await producer.stop()
+                await bridge.stop_producer()
 
     async def mqtt_ready() -> None:
         if not bridge.connected.is_set():

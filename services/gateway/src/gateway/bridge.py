@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 from common.contracts import device
+from common.kafka import needs_new_producer, replace_producer
 from common.logging import RateLimitedLogger
 from gateway import metrics, protocol
 from gateway.limits import DeviceRateLimiter
@@ -59,6 +60,7 @@ class BridgeStats:
     produce_failures: int = 0
     connects: int = 0
     commands_sent: int = 0
+    producer_renewals: int = 0
 
 
 class _Uplink(NamedTuple):
@@ -77,9 +79,13 @@ class _Uplink(NamedTuple):
 class Bridge:
     """Owns the gateway's MQTT session; `run()` keeps it connected until stopped."""
 
-    def __init__(self, settings: GatewaySettings, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self, settings: GatewaySettings, make_producer: Callable[[], AIOKafkaProducer]
+    ) -> None:
         self._settings = settings
-        self._producer = producer
+        self._make_producer = make_producer
+        self._producer = make_producer()
+        self._renew_producer = False  # set by a fatal idempotence error (see `_send_loop`)
         self._conn: MqttConnection | None = None
         self.connected = asyncio.Event()
         self.stats = BridgeStats()
@@ -275,10 +281,20 @@ class Bridge:
         if qos:
             conn.puback((packet_id,))  # taken care of: the broker must not redeliver it
 
+    async def start_producer(self) -> None:
+        """Connect the uplink producer."""
+        await self._producer.start()
+
+    async def stop_producer(self) -> None:
+        """Flush what is in flight and close (un-acked MQTT messages stay with the broker)."""
+        await self._producer.stop()
+
     async def _send_loop(self) -> None:
         linger_s = self._settings.uplink_linger_ms / 1000
         while True:
             await self._wake.wait()
+            if self._renew_producer:
+                await self._replace_producer()
             if linger_s and not self._urgent.is_set():
                 # Only telemetry is pending: fill the batch, unless a report comes meanwhile.
                 with contextlib.suppress(TimeoutError):
@@ -288,6 +304,15 @@ class Bridge:
             pending, self._pending = self._pending, []
             if pending:
                 await self._produce(pending)
+
+    async def _replace_producer(self) -> None:
+        try:
+            self._producer = await replace_producer(self._producer, self._make_producer)
+        except Exception as exc:  # noqa: BLE001 - Kafka still away: the next round tries again
+            logger.warning("kafka producer not replaced yet", extra={"error": repr(exc)})
+            return
+        self._renew_producer = False
+        self.stats.producer_renewals += 1
 
     async def _produce(self, pending: list[_Uplink]) -> None:
         groups: dict[tuple[str, int], list[_Uplink]] = {}
@@ -365,6 +390,8 @@ class Bridge:
         # Not acked: the broker keeps the messages in our session. Dropping the connection makes
         # it redeliver everything un-acked once we are back (marked DUP).
         members = list(members)
+        if needs_new_producer(exc):
+            self._renew_producer = True
         if not counted:
             self._unacked -= len(members)
         self.stats.produce_failures += len(members)
