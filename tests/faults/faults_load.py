@@ -70,6 +70,7 @@ class Load:
         self.commands = commands
         self.accepted: dict[str, str] = {}  # command id -> device id
         self.rollout_id: str | None = None
+        self.version: str | None = None
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
         self._futures: list[concurrent.futures.Future[None]] = []
@@ -122,6 +123,7 @@ class Load:
         """An Ultra WiFi release and a rollout to every simulated device (admin override)."""
         admin = self.platform.admin_headers
         version = f"9.{uuid.uuid4().int % 10_000}.{int(time.time()) % 1000}"
+        self.version = version
         release = self.call(
             "POST",
             "/firmware/releases",
@@ -240,6 +242,12 @@ class Load:
         failed = [d for d in devices.values() if d["state"] == "failed"]
         c.failed = len(failed)
         c.failed_without_reason = sum(1 for d in failed if not d.get("detail"))
+        premature = self._failed_yet_updated(failed)
+        if premature:
+            # A deadline is a real reason only if the device did not come back with the
+            # version: one that did, and was failed anyway, was failed by the platform's lag.
+            c.failed_without_reason += premature
+            c.notes.append(f"{premature} failed by their deadline yet run the new version")
         if failed:
             c.notes.append(f"failed e.g. {failed[0]['device_id']}: {failed[0].get('detail')}")
         expired = sum(1 for s in statuses.values() if s == "expired")
@@ -251,6 +259,17 @@ class Load:
         c.elapsed_s = round(time.monotonic() - self._started, 1)
         c.notes.append(machine_note(self.platform.stack, self._cpu_before, c.elapsed_s))
         return c
+
+    def _failed_yet_updated(self, failed: list[dict[str, Any]]) -> int:
+        """Devices failed by a deadline that the fleet now shows on the release's version."""
+        count = 0
+        for d in failed:
+            if "not back with the new version" not in (d.get("detail") or ""):
+                continue
+            response = self.call("GET", f"/devices/{d['device_id']}", self.platform.dealer_headers)
+            if response.status_code == 200 and response.json()["firmware_version"] == self.version:
+                count += 1
+        return count
 
     def _ran_twice(self) -> int:
         """Commands a device accepted more than once, as the broker saw the devices' acks."""

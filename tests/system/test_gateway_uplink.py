@@ -188,6 +188,36 @@ async def test_last_will_after_unclean_disconnect_becomes_offline_presence(
     assert data["ts"] is None
 
 
+async def test_a_reconnect_does_not_replay_every_retained_status(
+    gateway: Any, tail: KafkaTail, admin: DynsecAdmin, topic_prefix: str
+) -> None:
+    """The session survives a reconnect, and with it the subscription: the broker must not
+    send every device's retained status again (one reconnect loop made that thousands of
+    presence events a second). A status retained before the gateway's first subscription is
+    still read once; that is how a new gateway learns who is online."""
+    device_id, password = await new_device(admin)
+    presence = topic_prefix + device.PRESENCE.name
+    async with device_client(device_id, password) as client:
+        await client.publish(
+            f"devices/{device_id}/up/status",
+            json.dumps({"state": "online", "fw": "2.4.1", "ts": time.time()}),
+            qos=1,
+            retain=True,
+        )
+        await tail.wait_for(presence, of_device(device_id))
+        bridge = gateway.state.bridge
+        connects = bridge.stats.connects
+        bridge._conn.abort()  # as a produce failure does, to get its un-acked messages again
+        async with asyncio.timeout(30):
+            while bridge.stats.connects == connects or not bridge.connected.is_set():
+                await asyncio.sleep(0.05)
+        # A marker after the reconnect: anything the broker replayed came before it.
+        await client.publish(f"devices/{device_id}/up/telemetry", telemetry(), qos=1)
+        await tail.wait_for(topic_prefix + device.TELEMETRY.name, of_device(device_id))
+    await asyncio.sleep(1.0)  # the marker and a replay may sit in different partitions' fetches
+    assert len(tail.matching(presence, of_device(device_id))) == 1
+
+
 @pytest.mark.parametrize(
     ("subtopic", "payload", "reason_part"),
     [

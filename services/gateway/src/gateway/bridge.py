@@ -142,8 +142,11 @@ class Bridge:
                     conn = await MqttConnection.open(self._options(), self._on_publish)
                     # A resumed session first receives its backlog (up to Receive Maximum) and
                     # the SUBACK queues behind it: give it time instead of reconnecting.
+                    # Retained statuses only for a new subscription: resent at every reconnect
+                    # they were the whole fleet's presence again each time (a reconnect loop
+                    # once made that 6,000 events a second).
                     async with asyncio.timeout(self._settings.mqtt_subscribe_timeout_s):
-                        await conn.subscribe(self.subscription, qos=1)
+                        await conn.subscribe(self.subscription, qos=1, retain_handling=1)
                     self._conn = conn
                     self.connected.set()
                     self.stats.connects += 1

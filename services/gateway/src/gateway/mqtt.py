@@ -305,11 +305,16 @@ class MqttConnection(asyncio.Protocol):
         finally:
             self._waiting.pop(packet_id, None)
 
-    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """SUBSCRIBE and wait for the SUBACK; raises MqttError if refused."""
+    async def subscribe(self, topic_filter: str, qos: int = 1, *, retain_handling: int = 0) -> None:
+        """SUBSCRIBE and wait for the SUBACK; raises MqttError if refused.
+
+        `retain_handling` (MQTT v5): 0 sends the retained messages at every SUBSCRIBE, 1 only
+        when the subscription did not exist yet (a resumed session already has it), 2 never.
+        """
+        options = bytes((qos | retain_handling << 4,))
         code = await self._request(
             lambda pid: _packet(
-                _SUBSCRIBE, struct.pack("!H", pid) + b"\x00" + _str(topic_filter) + bytes((qos,))
+                _SUBSCRIBE, struct.pack("!H", pid) + b"\x00" + _str(topic_filter) + options
             )
         )
         if code >= 0x80:
