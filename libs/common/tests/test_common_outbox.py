@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import OutOfOrderSequenceNumber
 from pydantic import BaseModel
 from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -226,3 +227,42 @@ async def test_a_table_without_wake_relay_waits_for_the_poll(
             await _eventually(lambda: run.received(4))
     finally:
         await engine.dispose()
+
+
+class _StuckProducer:
+    """A producer left unusable by a lost sequence, as aiokafka's is after a Kafka restart."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+    async def send(self, *args: object, **kwargs: object) -> None:
+        raise OutOfOrderSequenceNumber()
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_a_producer_stuck_on_its_sequence_is_replaced_and_nothing_is_lost(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData(), wake_relay=True)
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            real, stuck = run.relay._producer, _StuckProducer()
+            run.relay._producer = stuck
+            await _add(engine, table, 6)
+            await _eventually(lambda: _errors(run.relay))
+            assert stuck.stopped
+            assert run.relay._producer is not real  # a new one (a new producer id)
+            await _add(engine, table, 7)  # wakes the relay: both go out now
+            await _eventually(lambda: run.received(7))
+            await _eventually(lambda: run.received(6))
+            await real.stop()
+    finally:
+        await engine.dispose()
+
+
+async def _errors(relay: OutboxRelay) -> bool:
+    return relay.stats.errors > 0 and not isinstance(relay._producer, _StuckProducer)

@@ -139,7 +139,13 @@ def make_broker(
     tracer_provider: TracerProvider | None = None,
     linger_ms: int = 5,
 ) -> KafkaBroker:
-    """A broker whose producer waits for all in-sync replicas and never duplicates on retry."""
+    """A broker whose producer waits for all in-sync replicas.
+
+    Its producer only writes dead letters (events go through the outbox relays, uplinks through
+    the gateway's own producer). It is not idempotent: a dead letter written twice harms no
+    one, while an idempotent aiokafka producer can be left failing every send after a broker
+    restart (see `PRODUCER_FATAL_ERRORS`), and a consumer that cannot dead-letter stalls.
+    """
     middlewares = (
         (KafkaTelemetryMiddleware(tracer_provider=tracer_provider),) if tracer_provider else ()
     )
@@ -147,7 +153,7 @@ def make_broker(
         bootstrap_servers,
         client_id=client_id,
         acks="all",
-        enable_idempotence=True,
+        enable_idempotence=False,
         linger_ms=linger_ms,
         compression_type=None,
         allow_auto_create_topics=False,
