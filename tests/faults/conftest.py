@@ -192,5 +192,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"{record.get('elapsed_s', 0):.0f}s)"
         )
         for note in record.get("notes", []):
-            if note.startswith(("machine:", "failed e.g.")) or "expired" in note:
+            if note.startswith(("machine:", "failed e.g.")) or any(
+                word in note for word in ("expired", "twice", "again", "yet run")
+            ):
                 terminalreporter.write_line(f"    {note}")

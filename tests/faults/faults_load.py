@@ -272,13 +272,34 @@ class Load:
         return count
 
     def _ran_twice(self) -> int:
-        """Commands a device accepted more than once, as the broker saw the devices' acks."""
-        seen: collections.Counter[str] = collections.Counter()
+        """Commands a device accepted more than once, as the broker saw deliveries and acks.
+
+        A device can only run a command again if it was delivered again: an `accepted` ack
+        seen twice after a single delivery is the device's one ack published twice (QoS 1 is at
+        least once: a broker restart before its PUBACK makes the device send it again), noted
+        but not a second run. Deliveries after the first ack are noted too.
+        """
+        downs: collections.Counter[str] = collections.Counter()
+        accepted: collections.Counter[str] = collections.Counter()
+        after_ack: set[str] = set()
         records = list(read_jsonl(self.platform.acks_file))[self._acks_from :]
         for record in records:
-            if record["kind"] == "ack" and record["status"] == "accepted":
-                seen[str(record["command_id"])] += 1
-        return sum(1 for n in seen.values() if n > 1)
+            command_id = str(record["command_id"])
+            if record["kind"] == "down":
+                downs[command_id] += 1
+                if accepted[command_id]:
+                    after_ack.add(command_id)
+            elif record["status"] == "accepted":
+                accepted[command_id] += 1
+        twice = {c for c, n in accepted.items() if n > 1}
+        echoed = {c for c in twice if downs[c] <= 1}
+        if echoed:
+            self.counts.notes.append(
+                f"{len(echoed)} acks published twice by their device (one delivery, one run)"
+            )
+        if after_ack:
+            self.counts.notes.append(f"{len(after_ack)} commands delivered again after an ack")
+        return len(twice - echoed)
 
 
 def _line_count(path: Path) -> int:
