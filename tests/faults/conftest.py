@@ -8,11 +8,12 @@ private servers running for a faster next run while iterating (services always s
 Scale: `FAULTS_DEVICES` simulated devices in each rollout (default 200, the issue's figure) and
 `FAULTS_COMMANDS` commands per burst (default 500, likewise); lower them to iterate.
 `FAULTS_CASE_TIMEOUT_S` bounds each case (default 900 s: the first one also starts the private
-platform). Measured at the defaults on the 2-core machine while other tests ran (2026-11-26):
-restart of Kafka 89 s, PostgreSQL 50 s, Redis 77 s, Mosquitto 122 s; SIGKILL of each service
-in turn 93 s, SIGTERM likewise 97 s; the seven cases besides the schema fuzzing 10 min 40 s.
-SIGTERM unwinds into the teardown, so the private stack stops even when
-the run is cancelled.
+platform). Measured at the defaults on the 2-core machine with the shared stack and its demo
+fleet running (load average 6-9; session 4): restart of Kafka 93-102 s (it stays away 40 s),
+PostgreSQL 78 s, Redis 84 s, Mosquitto 122 s; SIGKILL of each service in turn 117 s, SIGTERM
+likewise 116 s; the six infrastructure cases 11-17 min. Each case's summary line also says how
+busy the machine was and what CPU each process used, for reading a failure from CI's output.
+SIGTERM unwinds into the teardown, so the private stack stops even when the run is cancelled.
 """
 
 import json
