@@ -70,3 +70,12 @@ def test_asyncapi_document_matches_the_contracts() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_every_service_app_leaves_tracing_to_common_telemetry(service: str) -> None:
+    """FastAPI's own OpenTelemetry layer stays off (`common.telemetry.instrument_app` traces
+    each request once; both on was a second span per request and a quarter of a search)."""
+    source = (ROOT / "services" / service / "src" / service / "app.py").read_text()
+    assert source.count("FastAPI(") == 1
+    assert "telemetry=FASTAPI_NATIVE_TELEMETRY_OFF" in source

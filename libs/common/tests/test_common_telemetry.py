@@ -13,7 +13,13 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from common.settings import OtelExporter
-from common.telemetry import current_trace_headers, instrument_app, setup_tracing, trace_id_of
+from common.telemetry import (
+    FASTAPI_NATIVE_TELEMETRY_OFF,
+    current_trace_headers,
+    instrument_app,
+    setup_tracing,
+    trace_id_of,
+)
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -113,3 +119,10 @@ async def test_a_service_that_exports_records_a_server_span_per_request() -> Non
     assert trace_id_of(answer) == TRACE_ID
     server = [s for s in spans.get_finished_spans() if s.kind is SpanKind.SERVER]
     assert [s.name for s in server] == ["GET /where"]
+
+
+def test_fastapis_own_telemetry_stays_off_with_a_global_provider() -> None:
+    # `setup_tracing` sets the global provider, which turns FastAPI's own layer on by default.
+    setup_tracing("tests", exporter=OtelExporter.NONE)
+    assert FastAPI()._native_telemetry.enabled()
+    assert not FastAPI(telemetry=FASTAPI_NATIVE_TELEMETRY_OFF)._native_telemetry.enabled()

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
@@ -88,6 +89,13 @@ def instrument_app(app: FastAPI, provider: TracerProvider) -> None:
     else:
         app.add_middleware(_ServerContext, tracer=provider.get_tracer(__name__))
 
+
+# For `FastAPI(telemetry=...)`: FastAPI's own OpenTelemetry layer (0.165) turns itself on once a
+# global tracer provider exists, and would trace each request a second time beside
+# `instrument_app`: its spans, attributes and context handling were about a quarter of a fleet
+# search's time in a profile, for spans nobody records (and duplicate server spans when
+# exporting).
+FASTAPI_NATIVE_TELEMETRY_OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 # Providers `setup_tracing` gave somewhere to send spans.
 _EXPORTING: "weakref.WeakSet[TracerProvider]" = weakref.WeakSet()

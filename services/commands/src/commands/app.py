@@ -20,7 +20,7 @@ from common.auth import InternalTokenVerifier
 from common.health import health_router
 from common.http import install_http_conventions
 from common.infra import Infra
-from common.telemetry import instrument_app
+from common.telemetry import FASTAPI_NATIVE_TELEMETRY_OFF, instrument_app
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,12 @@ def create_app(
                 for task in tasks:
                     task.cancel()
 
-    app = FastAPI(title="AutoGen Fleet commands service", version="1", lifespan=lifespan)
+    app = FastAPI(
+        telemetry=FASTAPI_NATIVE_TELEMETRY_OFF,
+        title="AutoGen Fleet commands service",
+        version="1",
+        lifespan=lifespan,
+    )
     app.state.infra = infra
     app.state.service = service
     app.state.consumer_stats = stats

@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace import SpanProcessor
 
 from common.health import health_router
 from common.http import install_http_conventions
-from common.telemetry import instrument_app, setup_tracing
+from common.telemetry import FASTAPI_NATIVE_TELEMETRY_OFF, instrument_app, setup_tracing
 from console import auth_pages, firmware_pages, fleet_pages, token_pages
 from console.api_client import ApiError, http_client
 from console.session import CsrfError, LoginRequiredError, clear_session_cookie
@@ -91,6 +91,7 @@ def create_app(
             yield
 
     app = FastAPI(
+        telemetry=FASTAPI_NATIVE_TELEMETRY_OFF,
         title="AutoGen Fleet dealer console", version="1", lifespan=lifespan,
         docs_url=None, redoc_url=None, openapi_url=None,
     )  # fmt: skip

@@ -14,7 +14,7 @@ from common.auth import InternalTokenVerifier
 from common.health import health_router
 from common.http import install_http_conventions, problem_response
 from common.infra import Infra
-from common.telemetry import instrument_app
+from common.telemetry import FASTAPI_NATIVE_TELEMETRY_OFF, instrument_app
 from firmware import consumers, metrics, store
 from firmware.api import build_router
 from firmware.dispatcher import Dispatcher
@@ -73,7 +73,12 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
 
-    app = FastAPI(title="AutoGen Fleet firmware service", version="1", lifespan=lifespan)
+    app = FastAPI(
+        telemetry=FASTAPI_NATIVE_TELEMETRY_OFF,
+        title="AutoGen Fleet firmware service",
+        version="1",
+        lifespan=lifespan,
+    )
     app.state.infra = infra
     app.state.verifier = verifier or InternalTokenVerifier(jwks_url=settings.jwks_url)
     app.state.dispatcher = dispatcher

@@ -15,7 +15,7 @@ from common.db import make_engine, make_sessionmaker
 from common.health import health_router
 from common.http import install_http_conventions, problem_response
 from common.infra import Infra
-from common.telemetry import instrument_app
+from common.telemetry import FASTAPI_NATIVE_TELEMETRY_OFF, instrument_app
 from fleet import consumers, metrics, store
 from fleet.api import build_router
 from fleet.domain import AttentionRules, InvalidInputError
@@ -87,7 +87,12 @@ def create_app(
                 await gateway.aclose()
                 await read_engine.dispose()
 
-    app = FastAPI(title="AutoGen Fleet registry", version="1", lifespan=lifespan)
+    app = FastAPI(
+        telemetry=FASTAPI_NATIVE_TELEMETRY_OFF,
+        title="AutoGen Fleet registry",
+        version="1",
+        lifespan=lifespan,
+    )
     app.state.infra = infra
     app.state.verifier = verifier or InternalTokenVerifier(jwks_url=settings.jwks_url)
     app.state.consumers = consumers.register(infra.broker, settings, infra.sessions)

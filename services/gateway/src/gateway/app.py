@@ -12,7 +12,7 @@ from common.auth import InternalTokenVerifier
 from common.health import health_router
 from common.http import install_http_conventions
 from common.infra import Infra
-from common.telemetry import instrument_app
+from common.telemetry import FASTAPI_NATIVE_TELEMETRY_OFF, instrument_app
 from gateway import consumers, store
 from gateway.api import internal_router
 from gateway.bridge import Bridge, make_producer
@@ -68,7 +68,12 @@ def create_app(
         if not admin.ready.is_set():
             raise ConnectionError("MQTT admin session is down")
 
-    app = FastAPI(title="AutoGen Fleet device gateway", version="1", lifespan=lifespan)
+    app = FastAPI(
+        telemetry=FASTAPI_NATIVE_TELEMETRY_OFF,
+        title="AutoGen Fleet device gateway",
+        version="1",
+        lifespan=lifespan,
+    )
     app.state.infra = infra
     app.state.bridge = bridge
     app.state.admin = admin

@@ -14,7 +14,7 @@ from common.auth import InternalTokenVerifier
 from common.health import health_router
 from common.http import install_http_conventions
 from common.infra import Infra
-from common.telemetry import instrument_app
+from common.telemetry import FASTAPI_NATIVE_TELEMETRY_OFF, instrument_app
 from tokens import api, consumers, handlers, store
 from tokens.cache import VerifyCache
 from tokens.handlers import Context
@@ -91,7 +91,12 @@ def create_app(
                 await asyncio.gather(*tasks, return_exceptions=True)
                 await verifier.drain()
 
-    app = FastAPI(title="AutoGen Fleet tokens service", version="1", lifespan=lifespan)
+    app = FastAPI(
+        telemetry=FASTAPI_NATIVE_TELEMETRY_OFF,
+        title="AutoGen Fleet tokens service",
+        version="1",
+        lifespan=lifespan,
+    )
     app.state.infra = infra
     app.state.ctx = ctx
     app.state.verify = verifier
