@@ -99,9 +99,12 @@ class Dispatcher:
             ).all()
             infos = {r.id: _info(r) for r in rollouts}
             await self._expire(conn, now)
-            # Settle first: a rollout that just crossed its threshold sends nothing more.
-            running = await self._settle(conn, rollouts, infos, now)
-            counts = await _counts(conn, [r.id for r in running])
+            # Settle first: a rollout that just crossed its threshold sends nothing more. One
+            # count for both: read again for sending, a failure committed in between (by a
+            # consumer) freed a slot of the batch without pausing, and one more device went
+            # out past the threshold.
+            counts = await _counts(conn, [r.id for r in rollouts])
+            running = await self._settle(conn, rollouts, infos, counts, now)
             sent = 0
             for row in running:
                 if sent < self._max_per_pass:
@@ -169,11 +172,11 @@ class Dispatcher:
         conn: AsyncConnection,
         rollouts: Sequence[Any],
         infos: dict[str, RolloutInfo],
+        counts: dict[str, dict[str, int]],
         now: datetime,
     ) -> list[Any]:
         """Pause on crossing the failure threshold, complete when nothing is left to do;
         returns the rollouts still running."""
-        counts = await _counts(conn, [r.id for r in rollouts])
         staged = []
         running = []
         for row in rollouts:
