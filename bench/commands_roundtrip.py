@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -377,6 +378,62 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class StatementCounts:
+    """Statements each bench database ran during a phase, from `pg_stat_statements` when the
+    server has it (not part of the stack's configuration: add it to `shared_preload_libraries`
+    and `CREATE EXTENSION pg_stat_statements` in `postgres` to get these lines)."""
+
+    def __init__(self, admin_url: str, databases: dict[str, str]) -> None:
+        self._url = admin_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        self._databases = databases  # service -> database name
+        self._before: dict[tuple[str, str], tuple[int, str]] = {}
+
+    async def _snapshot(self) -> dict[tuple[str, str], tuple[int, str]] | None:
+        conn = await asyncpg.connect(self._url)
+        try:
+            rows = await conn.fetch(
+                "SELECT d.datname, s.queryid::text AS qid, sum(s.calls)::bigint AS calls,"
+                " min(s.query) AS query FROM pg_stat_statements s"
+                " JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = ANY($1::text[])"
+                " GROUP BY d.datname, s.queryid",
+                list(self._databases.values()),
+            )
+        except asyncpg.PostgresError:
+            return None  # no pg_stat_statements here
+        finally:
+            await conn.close()
+        return {(r["datname"], r["qid"]): (r["calls"], r["query"]) for r in rows}
+
+    async def start(self) -> None:
+        self._before = await self._snapshot() or {}
+
+    async def report(self, commands_sent: int, top: int = 25) -> None:
+        """Per command: transactions (BEGINs), statements, and the most frequent ones."""
+        after = await self._snapshot()
+        if after is None or not commands_sent:
+            return
+        for service, db in self._databases.items():
+            delta = sorted(
+                (
+                    (calls - self._before.get(key, (0, ""))[0], query)
+                    for key, (calls, query) in after.items()
+                    if key[0] == db
+                ),
+                reverse=True,
+            )
+            total = sum(c for c, _ in delta)
+            begins = sum(c for c, q in delta if q.strip().upper() == "BEGIN")
+            print(
+                f"  {service} database per command: {begins / commands_sent:.1f} transactions, "
+                f"{total / commands_sent:.1f} statements",
+                flush=True,
+            )
+            for calls, query in delta[:top]:
+                if calls:
+                    text = " ".join(query.split())[:110]
+                    print(f"    {calls / commands_sent:5.2f}  {text}", flush=True)
+
+
 def metric(name: str, value: float, baseline: float) -> str:
     return json.dumps(
         {
@@ -486,6 +543,8 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                         raw, raw_lost = await raw_round_trips(
                             broker, raw_account, ids, args.rate, args.seconds
                         )
+                        statements = StatementCounts(stack.pg_admin_url, dbs)
+                        await statements.start()
                         before = {name: cpu_s(proc.pid) for name, proc in served(procs)}
                         ours, ours_lost = await platform_round_trips(
                             base, issuer, watch, ids, rate=args.rate, seconds=args.seconds
@@ -499,6 +558,7 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                             ),
                             flush=True,
                         )
+                        await statements.report(sent)
         finally:
             for proc in reversed(procs):
                 stop(proc)

@@ -257,21 +257,24 @@ async def test_event_written_with_state_reaches_other_service_once_with_unbroken
             # State and event were committed together; nothing is published yet.
             assert await relay.pending() == 1
 
-            # Kill the relay between publish and mark: it hangs in the mark, then dies.
+            # Kill the relay between publish and the commit of its mark: it hangs once Kafka
+            # has acknowledged the publish, then dies.
             marking = asyncio.Event()
+            publish = relay._publish
 
-            async def hang(*_: Any) -> None:
+            async def publish_then_hang(rows: Any) -> None:
+                await publish(rows)
                 marking.set()
                 await asyncio.Event().wait()
 
-            relay._mark_published = hang  # type: ignore[method-assign,assignment]
+            relay._publish = publish_then_hang  # type: ignore[method-assign]
             killed = asyncio.create_task(relay.relay_once())
             await asyncio.wait_for(marking.wait(), 10)
             await deliveries.wait_for(1)
             killed.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await killed
-            del relay._mark_published  # back to the real method
+            del relay._publish  # back to the real method
 
             # The mark never committed: the event is still pending and goes out again.
             assert await relay.pending() == 1

@@ -24,7 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common.contracts.topic import Topic
 from common.db import make_engine, make_sessionmaker
 from common.events import Envelope, new_event
-from common.outbox import OutboxRelay, add_event, notify_channel, outbox_table
+from common.outbox import (
+    OutboxRelay,
+    add_event,
+    add_events,
+    notify_channel,
+    outbox_event,
+    outbox_table,
+)
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
 
@@ -266,3 +273,61 @@ async def test_a_producer_stuck_on_its_sequence_is_replaced_and_nothing_is_lost(
 
 async def _errors(relay: OutboxRelay) -> bool:
     return relay.stats.errors > 0 and not isinstance(relay._producer, _StuckProducer)
+
+
+async def test_events_added_together_go_out_in_their_order(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData(), wake_relay=True)
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            async with make_sessionmaker(engine).begin() as session:
+                await add_events(
+                    session,
+                    table,
+                    [
+                        outbox_event(
+                            PINGS, new_event(type=PINGS.event_type, data=Ping(n=n), source="test")
+                        )
+                        for n in (10, 11, 12)
+                    ],
+                )
+                await add_event(
+                    session,
+                    table,
+                    PINGS,
+                    new_event(type=PINGS.event_type, data=Ping(n=13), source="test"),
+                )
+            await _eventually(lambda: run.received(13))
+            assert [n for n in run.seen if n >= 10] == [10, 11, 12, 13]
+            assert run.relay.stats.wakeups >= 1
+    finally:
+        await engine.dispose()
+
+
+async def test_a_relay_publishes_nothing_while_another_holds_the_lock(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData())
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            await _add(engine, table, 20)
+            other = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
+            try:
+                async with other.transaction():  # another replica's relay, mid-round
+                    assert await other.fetchval(
+                        "SELECT pg_try_advisory_xact_lock($1::bigint)", run.relay._lock_key
+                    )
+                    assert await run.relay.relay_once() == 0
+                    assert await run.relay.pending() == 1
+            finally:
+                await other.close()
+            assert await run.relay.relay_once() == 1
+            await _eventually(lambda: run.received(20))
+            assert await run.relay.pending() == 0
+    finally:
+        await engine.dispose()

@@ -27,7 +27,6 @@ from common.contracts.commands import CommandDispatch, CommandRequest
 from common.db import transaction
 from common.events import Envelope, new_event
 from common.kafka import PermanentError, RetryLaterError
-from common.outbox import add_event
 from common.telemetry import current_trace_headers
 
 logger = logging.getLogger(__name__)
@@ -134,8 +133,10 @@ class CommandService:
             values = self._row(new, who, now=now, ttl_s=ttl_s, params=params)
             values.update(status="queued", dispatch_params=dispatch_params, ota_version=version)
             row = await store.insert_command(session, values)
-            await self._dispatch(session, row)
-            await self._record(session, store.to_domain(row), "commands", now)
+            writes = transitions.Writes()
+            writes.event(contract.DISPATCH, self._dispatch(row))
+            writes.record(store.to_domain(row), "commands", now)
+            await writes.flush(session)
         return Accepted(row, replayed=False)
 
     async def _resolve(
@@ -230,7 +231,9 @@ class CommandService:
             values = self._row(new, who, now=now, ttl_s=0, params=new.params)
             values.update(status="rejected", detail=reason, dispatch_params={})
             row = await store.insert_command(session, values)
-            await self._record(session, store.to_domain(row), "commands", now)
+            writes = transitions.Writes()
+            writes.record(store.to_domain(row), "commands", now)
+            await writes.flush(session)
 
     # ------------------------------------------------------------ time
 
@@ -242,24 +245,19 @@ class CommandService:
                 session, now, run_state_cutoff=now - self.run_state_window, limit=self.sweep_batch
             )
             changed = 0
+            writes = transitions.Writes()
             for row in rows:
                 change = domain.on_sweep(store.to_domain(row), now, self.run_state_window)
                 if change is not None:
-                    await self._apply(session, change, "commands")
+                    writes.apply(change, "commands", now)
                     changed += 1
+            await writes.flush(session)
         return changed
 
     # ------------------------------------------------------------ helpers
 
-    async def _apply(self, session: AsyncSession, change: domain.Change | None, by: str) -> None:
-        await transitions.apply(session, change, by, self.clock())
-
-    async def _record(
-        self, session: AsyncSession, cmd: domain.Command, by: str, at: datetime
-    ) -> None:
-        await transitions.record(session, cmd, by, at)
-
-    async def _dispatch(self, session: AsyncSession, row: Row[Any]) -> None:
+    @staticmethod
+    def _dispatch(row: Row[Any]) -> Envelope[CommandDispatch]:
         dispatch = CommandDispatch(
             command_id=row.id,
             device_id=row.device_id,
@@ -267,7 +265,6 @@ class CommandService:
             params=dict(row.dispatch_params),
             expires_at=row.expires_at,
         )
-        event = new_event(
+        return new_event(
             type=contract.DISPATCH.event_type, data=dispatch, source=SOURCE, key=row.device_id
         )
-        await add_event(session, store.outbox, contract.DISPATCH, event)

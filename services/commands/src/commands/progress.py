@@ -89,6 +89,7 @@ class Progress:
             acking = {r.device_id for r in reports if r.kind == "ack" and r.command_id in cmds}
             states = await store.states_of(session, acking)
             now = self.clock()
+            writes = transitions.Writes()
             for report, record_context in zip(reports, contexts, strict=True):
                 cmd = cmds.get(report.command_id)
                 if cmd is None or cmd.device_id != report.device_id:
@@ -106,8 +107,9 @@ class Progress:
                     found[cmd.id].traceparent,
                     record_context,
                 ):
-                    moved = await transitions.apply(session, change, "device", now)
+                    moved = writes.apply(change, "device", now)
                 cmds[cmd.id] = moved or cmd
+            await writes.flush(session)
 
     async def apply_gateway_statuses(self, events: Sequence[Envelope[CommandStatus]]) -> None:
         """The gateway's `sent` and `expired` (this service's own status events are skipped)."""
@@ -118,6 +120,7 @@ class Progress:
             found = await store.commands_by_id(session, {s.command_id for s in statuses})
             cmds = {i: store.to_domain(row) for i, row in found.items()}
             now = self.clock()
+            writes = transitions.Writes()
             for status in statuses:
                 cmd = cmds.get(status.command_id)
                 if cmd is None:
@@ -128,8 +131,9 @@ class Progress:
                 with self.tracer.step(
                     f"command gateway {status.status}", cmd.id, found[cmd.id].traceparent
                 ):
-                    moved = await transitions.apply(session, change, "gateway", now)
+                    moved = writes.apply(change, "gateway", now)
                 cmds[cmd.id] = moved or cmd
+            await writes.flush(session)
 
     async def apply_telemetry(self, events: Sequence[Envelope[DeviceTelemetry]]) -> None:
         """Run states of devices with a Start/Stop on its way; a finished one they confirm
@@ -147,6 +151,7 @@ class Progress:
             waiting = _by_device(rows)
             latest: dict[str, tuple[str, datetime]] = {}
             now = self.clock()
+            writes = transitions.Writes()
             for t in seen:
                 cmds = waiting.get(t.device_id)
                 if cmds is None or t.run_state is None:
@@ -156,7 +161,8 @@ class Progress:
                     latest[t.device_id] = (t.run_state, t.received_at)
                 for i, cmd in enumerate(cmds):
                     change = domain.on_run_state(cmd, t.run_state, t.received_at)
-                    cmds[i] = await transitions.apply(session, change, "device", now) or cmd
+                    cmds[i] = writes.apply(change, "device", now) or cmd
+            await writes.flush(session)
             await store.record_run_states(session, latest)
 
     async def apply_presence(self, events: Sequence[Envelope[DevicePresence]]) -> None:
@@ -178,6 +184,7 @@ class Progress:
             waiting = _by_device(rows)
             latest: dict[str, tuple[bool, str | None, datetime]] = {}
             now = self.clock()
+            writes = transitions.Writes()
             for p in seen:
                 cmds = waiting.get(p.device_id)
                 if cmds is None:
@@ -188,7 +195,8 @@ class Progress:
                     latest[p.device_id] = (online, p.fw, p.received_at)
                 for i, cmd in enumerate(cmds):
                     change = domain.on_presence(cmd, online, p.fw, p.received_at)
-                    cmds[i] = await transitions.apply(session, change, "device", now) or cmd
+                    cmds[i] = writes.apply(change, "device", now) or cmd
+            await writes.flush(session)
             await store.record_presences(session, latest)
 
     async def apply_fleet_devices(self, events: Sequence[Envelope[FleetDevice]]) -> None:

@@ -2,7 +2,7 @@
 
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -389,32 +389,74 @@ async def insert_command(conn: Conn, values: dict[str, Any]) -> Row[Any]:
     return (await conn.execute(_INSERT_RETURNING, values)).one()
 
 
-async def save(conn: Conn, cmd: domain.Command, at: datetime) -> None:
-    """Write the lifecycle fields of `cmd` back."""
+class TransitionRow(NamedTuple):
+    """One lifecycle transition to store."""
+
+    command_id: str
+    status: str
+    detail: str | None
+    reporter: str
+    at: datetime
+
+
+# Arrays, not a VALUES row each: one prepared statement whatever the number of rows.
+_SAVE_ALL = text(
+    "UPDATE commands AS c SET status = v.status, detail = v.detail,"
+    " device_result = v.device_result, device_result_at = v.device_result_at,"
+    " acked_at = v.acked_at, ota_phase = v.ota_phase, ota_progress = v.ota_progress,"
+    " updated_at = v.updated_at"
+    " FROM unnest(CAST(:ids AS varchar[]), CAST(:statuses AS varchar[]),"
+    " CAST(:details AS text[]), CAST(:device_results AS varchar[]),"
+    " CAST(:device_result_ats AS timestamptz[]), CAST(:acked_ats AS timestamptz[]),"
+    " CAST(:ota_phases AS varchar[]), CAST(:ota_progresses AS float8[]),"
+    " CAST(:updated_ats AS timestamptz[]))"
+    " AS v(id, status, detail, device_result, device_result_at, acked_at, ota_phase,"
+    " ota_progress, updated_at)"
+    " WHERE c.id = v.id"
+)
+_ADD_TRANSITIONS = text(
+    "INSERT INTO command_transitions (command_id, status, detail, reporter, at)"
+    " SELECT t.command_id, t.status, t.detail, t.reporter, t.at"
+    " FROM unnest(CAST(:command_ids AS varchar[]), CAST(:statuses AS varchar[]),"
+    " CAST(:details AS text[]), CAST(:reporters AS varchar[]), CAST(:ats AS timestamptz[]))"
+    " WITH ORDINALITY AS t(command_id, status, detail, reporter, at, n)"
+    " ORDER BY t.n"  # ids in the order given: the history's order
+)
+
+
+async def save_all(conn: Conn, changed: Sequence[tuple[domain.Command, datetime]]) -> None:
+    """Write the lifecycle fields of each command back (each at most once), stamped `at`."""
+    if not changed:
+        return
     await conn.execute(
-        commands.update()
-        .where(commands.c.id == cmd.id)
-        .values(
-            status=cmd.status,
-            detail=cmd.detail,
-            device_result=cmd.device_result,
-            device_result_at=cmd.device_result_at,
-            acked_at=cmd.acked_at,
-            ota_phase=cmd.ota_phase,
-            ota_progress=cmd.ota_progress,
-            updated_at=at,
-        )
+        _SAVE_ALL,
+        {
+            "ids": [c.id for c, _ in changed],
+            "statuses": [c.status for c, _ in changed],
+            "details": [c.detail for c, _ in changed],
+            "device_results": [c.device_result for c, _ in changed],
+            "device_result_ats": [c.device_result_at for c, _ in changed],
+            "acked_ats": [c.acked_at for c, _ in changed],
+            "ota_phases": [c.ota_phase for c, _ in changed],
+            "ota_progresses": [c.ota_progress for c, _ in changed],
+            "updated_ats": [at for _, at in changed],
+        },
     )
 
 
-async def add_transition(
-    conn: Conn, command_id: str, *, status: str, detail: str | None, reporter: str, at: datetime
-) -> None:
-    """Record one lifecycle transition with its time."""
+async def add_transitions(conn: Conn, steps: Sequence[TransitionRow]) -> None:
+    """Record lifecycle transitions with their time, in this order."""
+    if not steps:
+        return
     await conn.execute(
-        transitions.insert().values(
-            command_id=command_id, status=status, detail=detail, reporter=reporter, at=at
-        )
+        _ADD_TRANSITIONS,
+        {
+            "command_ids": [t.command_id for t in steps],
+            "statuses": [t.status for t in steps],
+            "details": [t.detail for t in steps],
+            "reporters": [t.reporter for t in steps],
+            "ats": [t.at for t in steps],
+        },
     )
 
 
