@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import Row
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from commands import domain, store
 from commands.access import access_device, not_found
@@ -89,6 +90,12 @@ def _service(request: Request) -> CommandService:
     return service
 
 
+def _reads(request: Request) -> AsyncEngine:
+    """The GET routes' engine: autocommit, so a read is its statements alone."""
+    engine: AsyncEngine = request.app.state.reads
+    return engine
+
+
 @router.post("/devices/{device_id}/commands", status_code=202, response_model=CommandAccepted)
 async def send_command(
     *,
@@ -142,20 +149,18 @@ async def send_command(
 @router.get("/commands/{command_id}", response_model=CommandOut)
 async def get_command(command_id: str, principal: CurrentPrincipal, request: Request) -> CommandOut:
     """One command with its history."""
-    sessions = _service(request).sessions
-    async with sessions() as session:
-        row = await store.get_command(session, command_id)
-        device = await store.get_device(session, row.device_id) if row is not None else None
-        if row is None or device is None:
-            raise ProblemError(404, "Not found", f"no command {command_id!r}")
-        try:
-            access_device(principal, device, row.device_id, "read")
-        except ProblemError as exc:
-            raise ProblemError(404, "Not found", f"no command {command_id!r}") from exc
-        steps = await store.history(session, command_id)
-    out = _out(row)
+    async with _reads(request).connect() as conn:
+        view = await store.command_view(conn, command_id)
+    if view is None or view.device is None:
+        raise ProblemError(404, "Not found", f"no command {command_id!r}")
+    try:
+        access_device(principal, view.device, view.row.device_id, "read")
+    except ProblemError as exc:
+        raise ProblemError(404, "Not found", f"no command {command_id!r}") from exc
+    out = _out(view.row)
     out.history = [
-        Transition(status=s.status, detail=s.detail, reporter=s.reporter, at=s.at) for s in steps
+        Transition(status=s.status, detail=s.detail, reporter=s.reporter, at=s.at)
+        for s in view.history
     ]
     return out
 
@@ -170,11 +175,10 @@ async def list_commands(
 ) -> CommandPage:
     """The device's command history, newest first."""
     after = _decode_cursor(cursor) if cursor else None
-    sessions = _service(request).sessions
-    async with sessions() as session:
-        device = await store.get_device(session, device_id)
+    async with _reads(request).connect() as conn:
+        device = await store.get_device(conn, device_id)
         access_device(principal, device, device_id, "read")
-        rows = await store.list_for_device(session, device_id, limit=limit + 1, after=after)
+        rows = await store.list_for_device(conn, device_id, limit=limit + 1, after=after)
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = _encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None

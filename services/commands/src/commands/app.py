@@ -17,6 +17,7 @@ from commands.progress import Progress
 from commands.settings import CommandsSettings
 from commands.tracing import StepTracer
 from common.auth import InternalTokenVerifier
+from common.db import make_engine
 from common.health import health_router
 from common.http import install_http_conventions
 from common.infra import Infra
@@ -52,8 +53,17 @@ def create_app(
         run_state_window=timedelta(seconds=settings.run_state_window_s),
         request_grace=timedelta(seconds=settings.request_grace_s),
     )
+    # Autocommit connections for the GET routes and lock-free checks: a read is its one
+    # statement, without the BEGIN and ROLLBACK of the write engine's pooled connections.
+    reads = make_engine(
+        settings.database_url.get_secret_value(),
+        pool_size=settings.database_pool_size,
+        application_name="commands-reads",
+        autocommit=True,
+    )
     progress = Progress(
         sessions=infra.sessions,
+        reads=reads,
         device_batch_interval_s=settings.device_batch_interval_ms / 1000,
         tracer=StepTracer(infra.tracer_provider),
     )
@@ -67,23 +77,26 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async with infra.running():
-            stop = asyncio.Event()
-            tasks = [
-                asyncio.create_task(
-                    _every(settings.sweep_interval_s, stop, service.sweep), name="sweep"
-                ),
-                asyncio.create_task(
-                    _every(settings.metrics_interval_s, stop, count_active), name="metrics"
-                ),
-            ]
-            try:
-                yield
-            finally:
-                stop.set()
-                await asyncio.wait(tasks, timeout=10)
-                for task in tasks:
-                    task.cancel()
+        try:
+            async with infra.running():
+                stop = asyncio.Event()
+                tasks = [
+                    asyncio.create_task(
+                        _every(settings.sweep_interval_s, stop, service.sweep), name="sweep"
+                    ),
+                    asyncio.create_task(
+                        _every(settings.metrics_interval_s, stop, count_active), name="metrics"
+                    ),
+                ]
+                try:
+                    yield
+                finally:
+                    stop.set()
+                    await asyncio.wait(tasks, timeout=10)
+                    for task in tasks:
+                        task.cancel()
+        finally:
+            await reads.dispose()  # after the consumers, which use it too
 
     app = FastAPI(
         telemetry=FASTAPI_NATIVE_TELEMETRY_OFF,
@@ -93,6 +106,7 @@ def create_app(
     )
     app.state.infra = infra
     app.state.service = service
+    app.state.reads = reads
     app.state.consumer_stats = stats
     app.state.verifier = verifier or InternalTokenVerifier(jwks_url=settings.jwks_url)
     install_http_conventions(app)

@@ -1,7 +1,8 @@
 """The commands service's tables (its own database; no other service reads them) and queries."""
 
 from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Index,
     MetaData,
     Row,
+    Select,
     String,
     Table,
     Text,
@@ -28,7 +30,7 @@ from sqlalchemy import (
     text,
     tuple_,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from commands import domain
@@ -161,8 +163,12 @@ async def get_device(conn: Conn, device_id: str, *, lock: bool = False) -> domai
     row = (await conn.execute(query)).first()
     if row is None or row.deleted:
         return None
+    return _device(row.device_id, row)
+
+
+def _device(device_id: str, row: Row[Any]) -> domain.Device:
     return domain.Device(
-        device_id=row.device_id,
+        device_id=device_id,
         dealer_id=row.dealer_id,
         customer_email=row.customer_email,
         model=row.model,
@@ -339,13 +345,15 @@ async def active_for_device(
     return list((await conn.execute(query.order_by(commands.c.created_at, commands.c.id))).all())
 
 
-async def commands_by_id(conn: Conn, ids: Collection[str]) -> dict[str, Row[Any]]:
+async def commands_by_id(
+    conn: Conn, ids: Collection[str], *, lock: bool = True
+) -> dict[str, Row[Any]]:
     """The commands of `ids` that exist, locked in id order (every batch locks in that order,
-    so concurrent batches cannot deadlock)."""
+    so concurrent batches cannot deadlock) unless `lock` is false."""
     if not ids:
         return {}
     query = select(commands).where(_one_of(commands.c.id, sorted(ids))).order_by(commands.c.id)
-    rows = (await conn.execute(query.with_for_update())).all()
+    rows = (await conn.execute(query.with_for_update() if lock else query)).all()
     return {row.id: row for row in rows}
 
 
@@ -460,10 +468,70 @@ async def add_transitions(conn: Conn, steps: Sequence[TransitionRow]) -> None:
     )
 
 
-async def history(conn: Conn, command_id: str) -> list[Row[Any]]:
-    """Every transition of a command, in order."""
-    query = select(transitions).where(transitions.c.command_id == command_id)
-    return list((await conn.execute(query.order_by(transitions.c.id))).all())
+@dataclass(frozen=True)
+class CommandView:
+    """A command, its device's ownership snapshot (None if unknown or deleted) and its history."""
+
+    row: Row[Any]
+    device: domain.Device | None
+    history: list[TransitionRow]
+
+
+def _view_query() -> Select[Any]:
+    steps = (
+        select(
+            func.json_agg(
+                aggregate_order_by(
+                    func.json_build_array(
+                        transitions.c.status,
+                        transitions.c.detail,
+                        transitions.c.reporter,
+                        transitions.c.at,
+                    ),
+                    transitions.c.id,
+                ),
+                type_=JSON,
+            )
+        )
+        .where(transitions.c.command_id == commands.c.id)
+        .scalar_subquery()
+    )
+    return (
+        select(
+            commands,
+            devices.c.dealer_id,
+            devices.c.customer_email,
+            devices.c.model,
+            devices.c.engine,
+            devices.c.transport,
+            devices.c.deleted.label("device_deleted"),
+            steps.label("history"),
+        )
+        .select_from(commands.outerjoin(devices, devices.c.device_id == commands.c.device_id))
+        .where(commands.c.id == bindparam("command_id"))
+    )
+
+
+_VIEW = _view_query()
+
+
+async def command_view(conn: Conn, command_id: str) -> CommandView | None:
+    """A command with its device and history in one statement (one snapshot: on an autocommit
+    connection, a GET is one round trip instead of BEGIN, three queries and ROLLBACK)."""
+    row = (await conn.execute(_VIEW, {"command_id": command_id})).first()
+    if row is None:
+        return None
+    device = None if row.dealer_id is None or row.device_deleted else _device(row.device_id, row)
+    steps = [
+        TransitionRow(command_id, status, detail, reporter, _timestamp(at))
+        for status, detail, reporter, at in row.history or ()
+    ]
+    return CommandView(row, device, steps)
+
+
+def _timestamp(value: str) -> datetime:
+    # JSON carries timestamps as text, in the session's time zone.
+    return datetime.fromisoformat(value).astimezone(UTC)
 
 
 async def list_for_device(
