@@ -1,17 +1,14 @@
 """Who may see and change which device: the one place the fleet service checks scope.
 
-`access_device` guards every route that names a device; `scope_conditions` is the same rule
-as SQL, for the map, and `scope_params` as the values the search's cached statement binds (a
-list cannot check row by row and still paginate). Both rest on
+`access_device` guards every route that names a device; `scope_params` is the same rule as the
+values the search's and the map's cached statements bind (a list cannot check row by row and
+still paginate). Both rest on
 `common.auth`'s rules: admins everything; dealer staff their dealer's devices; customers their
 dealer's devices whose customer email is theirs; a device-restricted token only its devices.
 Anything out of scope is 404, never 403, so ids of other fleets do not leak.
 """
 
 from typing import Any, Literal
-
-from sqlalchemy import false
-from sqlalchemy.sql.elements import ColumnElement
 
 from common.auth import (
     Principal,
@@ -21,7 +18,6 @@ from common.auth import (
 )
 from common.http import ProblemError
 from fleet.domain import Device
-from fleet.store import devices
 
 Need = Literal["read", "control", "manage"]
 
@@ -58,7 +54,7 @@ def may_register(principal: Principal, dealer_id: str) -> None:
 
 
 def scope_params(principal: Principal) -> dict[str, Any] | None:
-    """The scope rule as named values (`store.search_page`'s cached statement binds them).
+    """The scope rule as named values (the search's and the map's cached statements bind them).
 
     None: nothing is in scope. Keys: `device_ids`, `dealer_id`, `customer_email`.
     """
@@ -76,18 +72,3 @@ def scope_params(principal: Principal) -> dict[str, Any] | None:
         # Stored emails are trimmed and lower-case (domain.normalize_email).
         params["customer_email"] = principal.email.strip().lower()
     return params
-
-
-def scope_conditions(principal: Principal) -> list[ColumnElement[bool]]:
-    """SQL terms that keep a list to the devices `principal` may see (see `can_read_device`)."""
-    params = scope_params(principal)
-    if params is None:
-        return [false()]
-    terms: list[ColumnElement[bool]] = []
-    if "device_ids" in params:
-        terms.append(devices.c.id.in_(params["device_ids"]))
-    if "dealer_id" in params:
-        terms.append(devices.c.dealer_id == params["dealer_id"])
-    if "customer_email" in params:
-        terms.append(devices.c.customer_email == params["customer_email"])
-    return terms

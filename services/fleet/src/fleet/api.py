@@ -21,6 +21,7 @@ from fleet.domain import (
     parse_bbox,
 )
 from fleet.gateway_client import CredentialsIssuer, GatewayError
+from fleet.reads import Reads
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # goes into MQTT topic names
 
@@ -138,12 +139,13 @@ def device_out(device: Device, rules: AttentionRules, now: datetime) -> DeviceOu
 
 
 def build_router(
-    *, sessions: handlers.Sessions, reads: handlers.Sessions, rules: AttentionRules,
+    *, sessions: handlers.Sessions, reads: Reads, rules: AttentionRules,
     issuer: CredentialsIssuer, map_limit: int,
 ) -> APIRouter:  # fmt: skip
     """The `/api/v1` routes, bound to the service's sessions, rules and gateway client.
 
-    `reads` serve the GET routes (single statements, no transaction); `sessions` the writes.
+    `reads` serve the GET routes (single statements, no transaction, no ORM session: see
+    `fleet.reads`); `sessions` the writes.
     """
     router = APIRouter(prefix="/api/v1", tags=["devices"])
 

@@ -20,6 +20,7 @@ from fleet import consumers, metrics, store
 from fleet.api import build_router
 from fleet.domain import AttentionRules, InvalidInputError
 from fleet.gateway_client import CredentialsIssuer, HttpGateway
+from fleet.reads import Reads
 from fleet.settings import FleetSettings
 
 
@@ -41,7 +42,7 @@ def make_read_engine(settings: FleetSettings) -> AsyncEngine:
     engine's pool would wrap the read in BEGIN/ROLLBACK and its pre-ping in another
     BEGIN/;/ROLLBACK (SQLAlchemy's asyncpg dialect does that outside autocommit): six round
     trips per search. No pre-ping either: one round trip per search, the query. A dead pooled
-    connection fails the read's statement instead, and `handlers.read` retries it once.
+    connection fails the read's statement instead, and `fleet.reads` runs it once more.
     """
     return make_engine(
         settings.database_url.get_secret_value(),
@@ -69,7 +70,8 @@ def create_app(
     # Not given SQL spans: OpenTelemetry's SQLAlchemy instrumentor is a singleton that takes
     # one engine (the write engine); reads are traced by their request's server span.
     read_engine = make_read_engine(settings)
-    reads = make_sessionmaker(read_engine)
+    reads = Reads(read_engine)
+    counts = make_sessionmaker(read_engine)  # the gauge's periodic count
     gateway = HttpGateway(settings.gateway_url, timeout_s=settings.gateway_timeout_s)
 
     @asynccontextmanager
@@ -77,7 +79,7 @@ def create_app(
         async with infra.running():
             stop = asyncio.Event()
             counting = asyncio.create_task(
-                metrics.keep_counting(reads, settings, stop), name="fleet-state-metric"
+                metrics.keep_counting(counts, settings, stop), name="fleet-state-metric"
             )
             try:
                 yield

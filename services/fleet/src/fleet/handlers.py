@@ -1,11 +1,10 @@
 """The fleet's use cases: one function each, one transaction each, events through the outbox."""
 
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from common.auth import Principal, require_admin
@@ -15,11 +14,11 @@ from common.events import Envelope, new_event
 from common.http import ProblemError
 from common.outbox import add_event
 from fleet import store
-from fleet.access import access_device, may_register, scope_conditions, scope_params
+from fleet.access import access_device, may_register, scope_params
 from fleet.domain import BBox, Device, InvalidInputError, check_product, normalize_email
+from fleet.reads import Reads
 
 Sessions = async_sessionmaker[AsyncSession]
-T = TypeVar("T")
 SOURCE = "fleet"
 
 _UNSET: Any = object()
@@ -106,28 +105,9 @@ async def update_device(
     return updated
 
 
-async def read(sessions: Sessions, query: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    """Run a read; once more on a fresh connection if the pooled one turned out dead.
-
-    The read engine has no pre-ping (a round trip per checkout, a third of a search's time):
-    a connection PostgreSQL dropped (restart, idle kill) fails its first statement instead,
-    SQLAlchemy invalidates it and every older pooled connection, and the retry connects anew.
-    A read has no side effects, so running it twice is safe.
-    """
-    try:
-        async with sessions() as session:
-            return await query(session)
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-    async with sessions() as session:
-        return await query(session)
-
-
-async def read_device(sessions: Sessions, principal: Principal, device_id: str) -> Device:
+async def read_device(reads: Reads, principal: Principal, device_id: str) -> Device:
     """One device in the caller's scope."""
-    found = await read(sessions, lambda session: store.get_device(session, device_id))
-    return access_device(principal, found, device_id, "read")
+    return access_device(principal, await store.read_device(reads, device_id), device_id, "read")
 
 
 async def device_for_control(sessions: Sessions, principal: Principal, device_id: str) -> Device:
@@ -138,7 +118,7 @@ async def device_for_control(sessions: Sessions, principal: Principal, device_id
 
 
 async def search_devices(
-    sessions: Sessions,
+    reads: Reads,
     principal: Principal,
     *,
     q: str | None,
@@ -160,36 +140,27 @@ async def search_devices(
         "after": after,
     }
     params = {**scope, **{name: value for name, value in filters.items() if value is not None}}
-
-    async def page(session: AsyncSession) -> list[Device]:
-        return await store.search_page(session, params, limit=limit + 1)
-
-    found = await read(sessions, page)
+    found = await store.search_page(reads, params, limit=limit + 1)
     return found[:limit], len(found) > limit
 
 
 async def map_devices(
-    sessions: Sessions, principal: Principal, bbox: BBox, *, limit: int
+    reads: Reads, principal: Principal, bbox: BBox, *, limit: int
 ) -> tuple[list[Device], bool]:
     """GPS devices in scope inside `bbox`, and whether the answer was cut at `limit`."""
-    conditions = scope_conditions(principal)
-    found = await read(
-        sessions,
-        lambda session: store.in_bbox(session, bbox=bbox, conditions=conditions, limit=limit + 1),
-    )
+    scope = scope_params(principal)
+    if scope is None:
+        return [], False
+    found = await store.in_bbox(reads, bbox=bbox, scope=scope, limit=limit + 1)
     return found[:limit], len(found) > limit
 
 
 async def recent_positions(
-    sessions: Sessions, principal: Principal, device_id: str
+    reads: Reads, principal: Principal, device_id: str
 ) -> list[tuple[float, float, datetime]]:
     """A device's recent positions, newest first (404 out of scope)."""
-
-    async def positions(session: AsyncSession) -> list[tuple[float, float, datetime]]:
-        access_device(principal, await store.get_device(session, device_id), device_id, "read")
-        return await store.recent_positions(session, device_id)
-
-    return await read(sessions, positions)
+    await read_device(reads, principal, device_id)
+    return await store.recent_positions(reads, device_id)
 
 
 # ------------------------------------------------------------------ live state (consumers)

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Boolean,
     Column,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    any_,
     bindparam,
     func,
     or_,
@@ -33,9 +35,12 @@ from sqlalchemy.sql.elements import ColumnElement
 from common.idempotency import processed_events_table
 from common.outbox import outbox_table
 from fleet.domain import BBox, Device
+from fleet.reads import Reads
 
 metadata = MetaData()
-outbox = outbox_table(metadata)
+# Woken by the commit: registrations and ownership changes reach the other services at once,
+# and the relay polls rarely instead of ten times a second.
+outbox = outbox_table(metadata, wake_relay=True)
 processed_events = processed_events_table(metadata)
 
 devices = Table(
@@ -118,7 +123,7 @@ class DuplicateDeviceError(Exception):
 
 
 def _device(row: Row[Any]) -> Device:
-    return Device(**row._mapping)
+    return Device(*row)  # `_DEVICE_COLUMNS` are `Device`'s fields, in order (a test checks)
 
 
 async def insert_device(conn: Conn, values: dict[str, Any]) -> Device:
@@ -163,7 +168,8 @@ def like_pattern(fragment: str) -> str:
 
 # The search's terms by the name of the value each binds; a request names the ones it uses.
 _SEARCH_TERMS: dict[str, ColumnElement[bool]] = {
-    "device_ids": devices.c.id.in_(bindparam("device_ids", expanding=True)),
+    # An array, not an expanding IN: `Reads` compiles each statement once.
+    "device_ids": devices.c.id == any_(bindparam("device_ids", type_=ARRAY(String))),
     "dealer_id": devices.c.dealer_id == bindparam("dealer_id"),
     "customer_email": devices.c.customer_email == bindparam("customer_email"),
     # The text matches id, customer email or name (pg_trgm GIN).
@@ -180,55 +186,74 @@ _SEARCH_TERMS: dict[str, ColumnElement[bool]] = {
 SEARCH_PARAMS = frozenset(_SEARCH_TERMS)
 
 
+def _terms(names: frozenset[str]) -> list[ColumnElement[bool]]:
+    return [term for name, term in _SEARCH_TERMS.items() if name in names]
+
+
 @functools.cache
 def _search_statement(names: frozenset[str]) -> Select[Any]:
-    # One statement per shape of search (at most 2^8), built once: building and hashing a
-    # fresh select() per request was a sixth of the service's time per search.
-    terms = [term for name, term in _SEARCH_TERMS.items() if name in names]
+    # One statement per shape of search (at most 2^8), built and compiled once: building and
+    # hashing a fresh select() per request was a sixth of the service's time per search.
     return (
         select(*_DEVICE_COLUMNS)
-        .where(and_(True, *terms))
+        .where(and_(True, *_terms(names)))
         .order_by(devices.c.id)
         .limit(bindparam("limit"))
     )
 
 
-async def search_page(conn: Conn, params: dict[str, Any], *, limit: int) -> list[Device]:
+@functools.cache
+def _map_statement(scope: frozenset[str]) -> Select[Any]:
+    return (
+        select(*_DEVICE_COLUMNS)
+        .where(
+            devices.c.gps,
+            devices.c.lat.is_not(None),
+            devices.c.lon.between(bindparam("min_lon"), bindparam("max_lon")),
+            devices.c.lat.between(bindparam("min_lat"), bindparam("max_lat")),
+            *_terms(scope),
+        )
+        .order_by(devices.c.id)
+        .limit(bindparam("limit"))
+    )
+
+
+_READ_DEVICE = select(*_DEVICE_COLUMNS).where(devices.c.id == bindparam("device_id"))
+_RECENT_POSITIONS = (
+    select(device_positions.c.lat, device_positions.c.lon, device_positions.c.at)
+    .where(device_positions.c.device_id == bindparam("device_id"))
+    .order_by(device_positions.c.at.desc())
+)
+
+
+async def read_device(reads: Reads, device_id: str) -> Device | None:
+    """One device, or None (the GET routes' read; writes use `get_device` in their session)."""
+    rows = await reads.fetch(_READ_DEVICE, {"device_id": device_id})
+    return Device(*rows[0]) if rows else None
+
+
+async def search_page(reads: Reads, params: dict[str, Any], *, limit: int) -> list[Device]:
     """Up to `limit` devices in id order matching every term `params` names (`SEARCH_PARAMS`).
 
     `pattern` is a `like_pattern`; `after` an id to continue after.
     """
     statement = _search_statement(frozenset(params))
-    return [_device(row) for row in await conn.execute(statement, {**params, "limit": limit})]
+    return [Device(*row) for row in await reads.fetch(statement, {**params, "limit": limit})]
 
 
-async def in_bbox(
-    conn: Conn, *, bbox: BBox, conditions: Sequence[ColumnElement[bool]], limit: int
-) -> list[Device]:
-    """GPS devices with a known position inside `bbox`, in id order."""
-    query = (
-        select(*_DEVICE_COLUMNS)
-        .where(
-            devices.c.gps,
-            devices.c.lat.is_not(None),
-            devices.c.lon.between(bbox.min_lon, bbox.max_lon),
-            devices.c.lat.between(bbox.min_lat, bbox.max_lat),
-            *conditions,
-        )
-        .order_by(devices.c.id)
-        .limit(limit)
-    )
-    return [_device(row) for row in await conn.execute(query)]
+async def in_bbox(reads: Reads, *, bbox: BBox, scope: dict[str, Any], limit: int) -> list[Device]:
+    """GPS devices with a known position inside `bbox` and in `scope` (`SEARCH_PARAMS` it
+    names, as `access.scope_params` gives them), in id order."""
+    statement = _map_statement(frozenset(scope))
+    values = {**scope, "limit": limit, "min_lon": bbox.min_lon, "max_lon": bbox.max_lon}
+    values.update(min_lat=bbox.min_lat, max_lat=bbox.max_lat)
+    return [Device(*row) for row in await reads.fetch(statement, values)]
 
 
-async def recent_positions(conn: Conn, device_id: str) -> list[tuple[float, float, datetime]]:
+async def recent_positions(reads: Reads, device_id: str) -> list[tuple[float, float, datetime]]:
     """The device's recent positions, newest first."""
-    rows = await conn.execute(
-        select(device_positions.c.lat, device_positions.c.lon, device_positions.c.at)
-        .where(device_positions.c.device_id == device_id)
-        .order_by(device_positions.c.at.desc())
-    )
-    return [(row.lat, row.lon, row.at) for row in rows]
+    rows = await reads.fetch(_RECENT_POSITIONS, {"device_id": device_id})
+    return [(row["lat"], row["lon"], row["at"]) for row in rows]
 
 
 # ------------------------------------------------------------------ live state, in batches
