@@ -18,6 +18,8 @@ ACTIONS: tuple[str, ...] = get_args(Action)
 OTA_ACTIONS = frozenset({"fw_update", "force_ota"})
 # Start and Stop succeed only once telemetry shows this run state (not on the ack alone).
 RUN_STATE_OF: dict[str, str] = {"start": "running", "stop": "stopped"}
+# Actions whose `succeeded` ack waits for the device's run state or firmware to confirm it.
+CONFIRMED_BY_STATE: frozenset[str] = frozenset(RUN_STATE_OF) | OTA_ACTIONS
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "rejected", "expired"})
 ACTIVE: tuple[str, ...] = ("queued", "sent", "acked")
 _RANK = {"queued": 0, "sent": 1, "acked": 2}

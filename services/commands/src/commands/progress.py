@@ -88,7 +88,15 @@ class Progress:
             found = await store.commands_by_id(session, {r.command_id for r in reports})
             cmds = {i: store.to_domain(row) for i, row in found.items()}
             # Read after the locks: a telemetry batch holding them has committed its run state.
-            acking = {r.device_id for r in reports if r.kind == "ack" and r.command_id in cmds}
+            # Only a success that the device's own state must confirm needs it.
+            acking = {
+                r.device_id
+                for r in reports
+                if r.kind == "ack"
+                and r.status == "succeeded"
+                and r.command_id in cmds
+                and cmds[r.command_id].action in domain.CONFIRMED_BY_STATE
+            }
             states = await store.states_of(session, acking)
             now = self.clock()
             writes = transitions.Writes()

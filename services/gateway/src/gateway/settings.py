@@ -60,4 +60,7 @@ class GatewaySettings(DatabaseSettings):
     # the buffer). Presence and reports never wait: they are on the commands' round trip.
     uplink_linger_ms: int = Field(default=5, ge=0, le=1000)
     dispatch_group_id: str = "gateway.dispatch"
+    # The outbox relay (`sent`/`expired` statuses) appends a whole batch before the producer
+    # sends, so lingering only added its 5 ms to every status.
+    kafka_linger_ms: int = Field(default=0, ge=0, le=1000)
     mqtt_publish_timeout_s: float = Field(default=10.0, gt=0)
