@@ -16,6 +16,7 @@ record's context only).
 """
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -167,6 +168,29 @@ def subscribe_batch(
         subscriber(consume)
         _poll_without_idle_sleep(subscriber)
     return stats
+
+
+def record_traceparents(broker: KafkaBroker) -> dict[str, str]:
+    """Event id → `traceparent` of the records of the batch being handled that carry one.
+
+    FastStream's span of a batch continues its first record's trace only (and links the
+    others'), so a handler that acts per record reads the records' own contexts here. Only a
+    record with a trace context has its value parsed for its event id.
+    """
+    message = broker.context.get_local("message")
+    raw = getattr(message, "raw_message", None)
+    records = raw if isinstance(raw, tuple) else (() if raw is None else (raw,))
+    found: dict[str, str] = {}
+    for record in records:
+        traceparent = next((v for k, v in record.headers or () if k == "traceparent"), None)
+        if traceparent is None:
+            continue
+        try:
+            event_id = json.loads(record.value)["event_id"]
+            found[str(event_id)] = traceparent.decode()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # the batch consumer dead-letters what is not an event
+    return found
 
 
 # The poll's clock and sleep (tests move time themselves).

@@ -5,7 +5,6 @@ answer); everything else is applied a poll at a time (`commands.progress`), with
 wait on the topics a command's latency depends on.
 """
 
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from common.contracts.device import DeviceReport
 from common.contracts.topic import Topic
 from common.events import Envelope
 from common.kafka import ConsumerStats, subscribe
-from common.kafka_batch import subscribe_batch
+from common.kafka_batch import record_traceparents, subscribe_batch
 
 SOURCE = "commands"
 
@@ -32,7 +31,7 @@ def register(
     fast, slow = settings.batch_wait_ms, settings.projection_batch_wait_ms
 
     async def apply_reports(events: Sequence[Envelope[DeviceReport]]) -> None:
-        await progress.apply_reports(events, traceparents=_record_traceparents(broker))
+        await progress.apply_reports(events, traceparents=record_traceparents(broker))
 
     batches: dict[str, tuple[Topic[Any], Callable[[Sequence[Any]], Awaitable[None]], int]] = {
         "gateway-status": (commands.STATUS, progress.apply_gateway_statuses, fast),
@@ -64,26 +63,3 @@ def register(
             batch_timeout_ms=wait_ms,
         )
     return stats
-
-
-def _record_traceparents(broker: KafkaBroker) -> dict[str, str]:
-    """Event id → `traceparent` of the records of the batch being handled that carry one.
-
-    FastStream's span of a batch is a new trace (it only links the records'), so the reports'
-    own contexts (the gateway's publish of their command) are read here. Reports are few; only
-    a record with a trace context has its value parsed for its event id.
-    """
-    message = broker.context.get_local("message")
-    raw = getattr(message, "raw_message", None)
-    records = raw if isinstance(raw, tuple) else (() if raw is None else (raw,))
-    found: dict[str, str] = {}
-    for record in records:
-        traceparent = next((v for k, v in record.headers or () if k == "traceparent"), None)
-        if traceparent is None:
-            continue
-        try:
-            event_id = json.loads(record.value)["event_id"]
-            found[str(event_id)] = traceparent.decode()
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # the batch consumer dead-letters what is not an event
-    return found

@@ -60,6 +60,8 @@ class GatewaySettings(DatabaseSettings):
     # the buffer). Presence and reports never wait: they are on the commands' round trip.
     uplink_linger_ms: int = Field(default=5, ge=0, le=1000)
     dispatch_group_id: str = "gateway.dispatch"
+    # Dispatched commands handled in one transaction (their publishes overlap).
+    dispatch_batch_max_records: int = Field(default=200, ge=1, le=5000)
     # The outbox relay (`sent`/`expired` statuses) appends a whole batch before the producer
     # sends, so lingering only added its 5 ms to every status.
     kafka_linger_ms: int = Field(default=0, ge=0, le=1000)

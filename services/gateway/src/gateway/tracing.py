@@ -14,12 +14,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from opentelemetry import propagate, trace
-from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TracerProvider,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 MAX_ENTRIES = 100_000
 # Long enough for a slow OTA (download, install, reboot) to report under its command's trace.
 TTL_S = 24 * 3600.0
 Headers = list[tuple[str, bytes]]
+_W3C = TraceContextTextMapPropagator()
 
 
 class CommandTraces:
@@ -65,6 +74,23 @@ class CommandTraces:
         ) as span:
             self._remember((device_id, command_id), span.get_span_context())
             yield span
+
+    @contextmanager
+    def consuming(self, name: str, traceparent: str | None) -> Iterator[None]:
+        """Handle one record of a batch in its own trace: FastStream's span of a batch continues
+        the first record's trace only, so a record of another trace gets a consumer span of its
+        own (child of its context, linked to the batch's span); the others run as they are."""
+        origin = _W3C.extract({"traceparent": traceparent}) if traceparent else None
+        record = trace.get_current_span(origin).get_span_context() if origin else None
+        current = trace.get_current_span().get_span_context()
+        if record is None or not record.is_valid or record.trace_id == current.trace_id:
+            yield
+            return
+        links = [Link(current)] if current.is_valid else []
+        with self._tracer.start_as_current_span(
+            name, context=origin, kind=SpanKind.CONSUMER, links=links
+        ):
+            yield
 
     def _remember(self, key: tuple[str, str], context: SpanContext) -> None:
         if not context.is_valid:
