@@ -139,11 +139,14 @@ async def test_map_shows_gps_devices_in_scope_inside_the_box_with_markers(api, h
     sessions = sessions_of(api)
     dealer_id = f"dealer-map-{h.unique()}"
     ids = {}
+    customer = f"{h.unique('c').lower()}@farm.test"
     for name, gps in (("ok", True), ("alarm", True), ("away", True), ("nogps", False)):
         ids[name] = h.unique("MAP")
+        # The alarm unit is the customer's: the map's scope is bound like the search's.
+        email = customer if name == "alarm" else None
         response = await api.client.post(
             "/api/v1/devices",
-            json=h.registration(ids[name], dealer_id, gps=gps),
+            json=h.registration(ids[name], dealer_id, gps=gps, customer_email=email),
             headers=api.as_(h.admin()),
         )
         assert response.status_code == 201
@@ -182,6 +185,17 @@ async def test_map_shows_gps_devices_in_scope_inside_the_box_with_markers(api, h
         "/api/v1/map/devices", params={"bbox": "20,10,21,11"}, headers=api.as_(h.dealer("other"))
     )
     assert other.json()["features"] == []
+
+    async def seen_on_map(principal: Any) -> set[str]:
+        response = await api.client.get(
+            "/api/v1/map/devices", params={"bbox": "20,10,21,11"}, headers=api.as_(principal)
+        )
+        assert response.status_code == 200, response.text
+        return {f["properties"]["id"] for f in response.json()["features"]}
+
+    assert await seen_on_map(h.customer(dealer_id, customer)) == {ids["alarm"]}
+    restricted = h.dealer(dealer_id, device_ids=frozenset({ids["ok"], ids["away"]}))
+    assert await seen_on_map(restricted) == {ids["ok"]}
 
     for bbox in ("20,10,21", "a,b,c,d", "-181,0,0,1", "0,-91,1,0", "21,10,20,11", "nan,0,1,1"):
         bad = await api.client.get(
