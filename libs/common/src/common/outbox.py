@@ -135,19 +135,39 @@ async def add_events(
     also sends the transaction's NOTIFY if the table wakes relays)."""
     if not events:
         return
+    staged = staged_insert(session, outbox, events)
+    await session.execute(statement(staged.ctes), staged.params)
+
+
+@dataclass(frozen=True)
+class StagedInsert:
+    """The INSERT of some events as parts of a statement's WITH: a caller can write its own
+    changes in the same statement (one round trip for all of a transaction's writes)."""
+
+    ctes: tuple[str, ...]
+    params: dict[str, Any]
+
+
+def staged_insert(
+    session: AsyncSession | AsyncConnection, outbox: Table, events: Sequence[OutboxEvent]
+) -> StagedInsert:
+    """`events` as WITH parts (data-modifying CTEs run once, whether read or not) with the
+    transaction's NOTIFY if the table wakes relays; parameter names start with `outbox_`.
+    Arrays, not a VALUES row each: one prepared statement whatever the count; identity ids
+    follow the order of the arrays."""
     params: dict[str, Any] = {
-        "event_ids": [e.event_id for e in events],
-        "topics": [e.topic for e in events],
-        "keys": [e.key for e in events],
-        "payloads": [e.payload for e in events],
-        "headers": [e.headers for e in events],
+        "outbox_event_ids": [e.event_id for e in events],
+        "outbox_topics": [e.topic for e in events],
+        "outbox_keys": [e.key for e in events],
+        "outbox_payloads": [e.payload for e in events],
+        "outbox_headers": [e.headers for e in events],
     }
     notify = _notify_payload(session, outbox)
     if notify is not None:
         # Queued by PostgreSQL until the commit, dropped by a rollback: exactly "events
         # committed".
-        params.update(channel=notify_channel(outbox), notify=notify)
-    await session.execute(_insert_statement(outbox.fullname, notify=notify is not None), params)
+        params.update(outbox_channel=notify_channel(outbox), outbox_notify=notify)
+    return StagedInsert(_insert_ctes(outbox.fullname, notify=notify is not None), params)
 
 
 def _notify_payload(session: AsyncSession | AsyncConnection, outbox: Table) -> str | None:
@@ -167,23 +187,32 @@ def _notify_payload(session: AsyncSession | AsyncConnection, outbox: Table) -> s
     return _PROCESS_TOKEN
 
 
+def statement(ctes: Sequence[str], main: str = "SELECT 1") -> TextClause:
+    """`WITH <ctes> <main>` (one cached clause per text)."""
+    return _statement(tuple(ctes), main)
+
+
 @functools.cache
-def _insert_statement(table: str, *, notify: bool) -> TextClause:
-    """One statement for any number of events (arrays, not a VALUES row each: one prepared
-    statement whatever the count); identity ids follow the order of the arrays."""
-    wake = (
-        "WITH wake AS MATERIALIZED (SELECT pg_notify(:channel, :notify)) "  # once, not per row
-        if notify
-        else ""
-    )
-    return text(
-        f"{wake}INSERT INTO {table} (event_id, topic, key, payload, headers) "  # noqa: S608 - a table name of ours
+def _statement(ctes: tuple[str, ...], main: str) -> TextClause:
+    return text(f"WITH {', '.join(ctes)} {main}" if ctes else main)
+
+
+@functools.cache
+def _insert_ctes(table: str, *, notify: bool) -> tuple[str, ...]:
+    insert = (
+        f"outbox_staged AS (INSERT INTO {table} (event_id, topic, key, payload, headers) "  # noqa: S608 - a table name of ours
         "SELECT e.event_id, e.topic, e.key, e.payload, e.headers::jsonb "
-        "FROM unnest(CAST(:event_ids AS uuid[]), CAST(:topics AS varchar[]), "
-        "CAST(:keys AS varchar[]), CAST(:payloads AS bytea[]), CAST(:headers AS text[])) "
+        "FROM unnest(CAST(:outbox_event_ids AS uuid[]), CAST(:outbox_topics AS varchar[]), "
+        "CAST(:outbox_keys AS varchar[]), CAST(:outbox_payloads AS bytea[]), "
+        "CAST(:outbox_headers AS text[])) "
         "WITH ORDINALITY AS e(event_id, topic, key, payload, headers, n)"
-        f"{', wake' if notify else ''} ORDER BY e.n"
+        f"{', outbox_wake' if notify else ''} ORDER BY e.n)"
     )
+    if not notify:
+        return (insert,)
+    # Materialised: evaluated once, not once per row.
+    wake = "outbox_wake AS MATERIALIZED (SELECT pg_notify(:outbox_channel, :outbox_notify))"
+    return (wake, insert)
 
 
 @event.listens_for(Session, "after_commit")

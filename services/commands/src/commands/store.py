@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from commands import domain
 from common.idempotency import processed_events_table
-from common.outbox import outbox_table
+from common.outbox import StagedInsert, outbox_table, statement
 
 metadata = MetaData()
 # Accepted commands wake the relay at once (the dispatch is on the command's latency path).
@@ -408,64 +408,68 @@ class TransitionRow(NamedTuple):
 
 
 # Arrays, not a VALUES row each: one prepared statement whatever the number of rows.
-_SAVE_ALL = text(
-    "UPDATE commands AS c SET status = v.status, detail = v.detail,"
+_SAVE_ALL = (
+    "saved AS (UPDATE commands AS c SET status = v.status, detail = v.detail,"
     " device_result = v.device_result, device_result_at = v.device_result_at,"
     " acked_at = v.acked_at, ota_phase = v.ota_phase, ota_progress = v.ota_progress,"
     " updated_at = v.updated_at"
-    " FROM unnest(CAST(:ids AS varchar[]), CAST(:statuses AS varchar[]),"
-    " CAST(:details AS text[]), CAST(:device_results AS varchar[]),"
-    " CAST(:device_result_ats AS timestamptz[]), CAST(:acked_ats AS timestamptz[]),"
-    " CAST(:ota_phases AS varchar[]), CAST(:ota_progresses AS float8[]),"
-    " CAST(:updated_ats AS timestamptz[]))"
+    " FROM unnest(CAST(:row_ids AS varchar[]), CAST(:row_statuses AS varchar[]),"
+    " CAST(:row_details AS text[]), CAST(:row_device_results AS varchar[]),"
+    " CAST(:row_device_result_ats AS timestamptz[]), CAST(:row_acked_ats AS timestamptz[]),"
+    " CAST(:row_ota_phases AS varchar[]), CAST(:row_ota_progresses AS float8[]),"
+    " CAST(:row_updated_ats AS timestamptz[]))"
     " AS v(id, status, detail, device_result, device_result_at, acked_at, ota_phase,"
     " ota_progress, updated_at)"
-    " WHERE c.id = v.id"
+    " WHERE c.id = v.id)"
 )
-_ADD_TRANSITIONS = text(
-    "INSERT INTO command_transitions (command_id, status, detail, reporter, at)"
+_ADD_TRANSITIONS = (
+    "steps AS (INSERT INTO command_transitions (command_id, status, detail, reporter, at)"
     " SELECT t.command_id, t.status, t.detail, t.reporter, t.at"
-    " FROM unnest(CAST(:command_ids AS varchar[]), CAST(:statuses AS varchar[]),"
-    " CAST(:details AS text[]), CAST(:reporters AS varchar[]), CAST(:ats AS timestamptz[]))"
+    " FROM unnest(CAST(:step_command_ids AS varchar[]), CAST(:step_statuses AS varchar[]),"
+    " CAST(:step_details AS text[]), CAST(:step_reporters AS varchar[]),"
+    " CAST(:step_ats AS timestamptz[]))"
     " WITH ORDINALITY AS t(command_id, status, detail, reporter, at, n)"
-    " ORDER BY t.n"  # ids in the order given: the history's order
+    " ORDER BY t.n)"  # ids in the order given: the history's order
 )
 
 
-async def save_all(conn: Conn, changed: Sequence[tuple[domain.Command, datetime]]) -> None:
-    """Write the lifecycle fields of each command back (each at most once), stamped `at`."""
-    if not changed:
-        return
-    await conn.execute(
-        _SAVE_ALL,
-        {
-            "ids": [c.id for c, _ in changed],
-            "statuses": [c.status for c, _ in changed],
-            "details": [c.detail for c, _ in changed],
-            "device_results": [c.device_result for c, _ in changed],
-            "device_result_ats": [c.device_result_at for c, _ in changed],
-            "acked_ats": [c.acked_at for c, _ in changed],
-            "ota_phases": [c.ota_phase for c, _ in changed],
-            "ota_progresses": [c.ota_progress for c, _ in changed],
-            "updated_ats": [at for _, at in changed],
-        },
-    )
-
-
-async def add_transitions(conn: Conn, steps: Sequence[TransitionRow]) -> None:
-    """Record lifecycle transitions with their time, in this order."""
-    if not steps:
-        return
-    await conn.execute(
-        _ADD_TRANSITIONS,
-        {
-            "command_ids": [t.command_id for t in steps],
-            "statuses": [t.status for t in steps],
-            "details": [t.detail for t in steps],
-            "reporters": [t.reporter for t in steps],
-            "ats": [t.at for t in steps],
-        },
-    )
+async def write(
+    conn: Conn,
+    changed: Sequence[tuple[domain.Command, datetime]],
+    steps: Sequence[TransitionRow],
+    events: StagedInsert | None,
+) -> None:
+    """Write the lifecycle fields of each changed command (each at most once, stamped with its
+    time), the transitions in this order and the events, in one statement (one round trip)."""
+    ctes: list[str] = []
+    params: dict[str, Any] = {}
+    if changed:
+        ctes.append(_SAVE_ALL)
+        params.update(
+            row_ids=[c.id for c, _ in changed],
+            row_statuses=[c.status for c, _ in changed],
+            row_details=[c.detail for c, _ in changed],
+            row_device_results=[c.device_result for c, _ in changed],
+            row_device_result_ats=[c.device_result_at for c, _ in changed],
+            row_acked_ats=[c.acked_at for c, _ in changed],
+            row_ota_phases=[c.ota_phase for c, _ in changed],
+            row_ota_progresses=[c.ota_progress for c, _ in changed],
+            row_updated_ats=[at for _, at in changed],
+        )
+    if steps:
+        ctes.append(_ADD_TRANSITIONS)
+        params.update(
+            step_command_ids=[t.command_id for t in steps],
+            step_statuses=[t.status for t in steps],
+            step_details=[t.detail for t in steps],
+            step_reporters=[t.reporter for t in steps],
+            step_ats=[t.at for t in steps],
+        )
+    if events is not None:
+        ctes.extend(events.ctes)
+        params.update(events.params)
+    if ctes:
+        await conn.execute(statement(ctes), params)
 
 
 @dataclass(frozen=True)

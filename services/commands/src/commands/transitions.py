@@ -15,7 +15,7 @@ from common.contracts import commands as contract
 from common.contracts.commands import CommandStatus
 from common.contracts.topic import Topic
 from common.events import DataT, Envelope, new_event
-from common.outbox import OutboxEvent, add_events, outbox_event
+from common.outbox import OutboxEvent, outbox_event, staged_insert
 
 SOURCE = "commands"
 
@@ -47,9 +47,9 @@ def _forget_rolled_back(session: Session, transaction: SessionTransaction) -> No
 
 @dataclass
 class Writes:
-    """A transaction's lifecycle writes, kept in order in memory and written by `flush` in at
-    most three statements whatever their number (the rows, the transitions, the events): a
-    batch of reports cost three or four statements per change before, and statements were most
+    """A transaction's lifecycle writes, kept in order in memory and written by `flush` in one
+    statement whatever their number (the rows, the transitions, the events): a batch of reports
+    cost three or four statements per change before, and round trips to PostgreSQL were most
     of this service's CPU. A command changed twice is written once, in its last state."""
 
     _rows: dict[str, tuple[domain.Command, datetime]] = field(default_factory=dict)
@@ -97,7 +97,6 @@ class Writes:
         steps, self._transitions = self._transitions, []
         events, self._events = self._events, []
         moves, self._moves = self._moves, []
-        await store.save_all(session, list(rows.values()))
-        await store.add_transitions(session, steps)
-        await add_events(session, store.outbox, events)
+        staged = staged_insert(session, store.outbox, events) if events else None
+        await store.write(session, list(rows.values()), steps, staged)
         session.info.setdefault(_MOVES, []).extend(moves)
