@@ -132,11 +132,12 @@ class CommandService:
             now = self.clock()
             values = self._row(new, who, now=now, ttl_s=ttl_s, params=params)
             values.update(status="queued", dispatch_params=dispatch_params, ota_version=version)
-            row = await store.insert_command(session, values)
             writes = transitions.Writes()
-            writes.event(contract.DISPATCH, self._dispatch(row))
-            writes.record(store.to_domain(row), "commands", now)
-            await writes.flush(session)
+            writes.event(contract.DISPATCH, self._dispatch(values))
+            writes.record(store.new_command(values), "commands", now)
+            # The command, its transition and both events: one statement.
+            row = await writes.flush(session, insert=values)
+        assert row is not None  # noqa: S101 - flush returns the inserted row
         return Accepted(row, replayed=False)
 
     async def _resolve(
@@ -230,10 +231,9 @@ class CommandService:
             now = self.clock()
             values = self._row(new, who, now=now, ttl_s=0, params=new.params)
             values.update(status="rejected", detail=reason, dispatch_params={})
-            row = await store.insert_command(session, values)
             writes = transitions.Writes()
-            writes.record(store.to_domain(row), "commands", now)
-            await writes.flush(session)
+            writes.record(store.new_command(values), "commands", now)
+            await writes.flush(session, insert=values)
 
     # ------------------------------------------------------------ time
 
@@ -257,14 +257,17 @@ class CommandService:
     # ------------------------------------------------------------ helpers
 
     @staticmethod
-    def _dispatch(row: Row[Any]) -> Envelope[CommandDispatch]:
+    def _dispatch(values: dict[str, Any]) -> Envelope[CommandDispatch]:
         dispatch = CommandDispatch(
-            command_id=row.id,
-            device_id=row.device_id,
-            action=row.action,
-            params=dict(row.dispatch_params),
-            expires_at=row.expires_at,
+            command_id=values["id"],
+            device_id=values["device_id"],
+            action=values["action"],
+            params=dict(values["dispatch_params"]),
+            expires_at=values["expires_at"],
         )
         return new_event(
-            type=contract.DISPATCH.event_type, data=dispatch, source=SOURCE, key=row.device_id
+            type=contract.DISPATCH.event_type,
+            data=dispatch,
+            source=SOURCE,
+            key=values["device_id"],
         )

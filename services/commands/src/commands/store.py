@@ -1,5 +1,6 @@
 """The commands service's tables (its own database; no other service reads them) and queries."""
 
+import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql.selectable import TextualSelect
 
 from commands import domain
 from common.idempotency import processed_events_table
@@ -388,15 +390,6 @@ async def count_active(conn: Conn) -> dict[str, int]:
     return counts
 
 
-# Values go as parameters, not `.values(...)`: one cached statement for every insert.
-_INSERT_RETURNING = commands.insert().returning(*commands.c)
-
-
-async def insert_command(conn: Conn, values: dict[str, Any]) -> Row[Any]:
-    """Store a new command; returns its row as stored (defaults included)."""
-    return (await conn.execute(_INSERT_RETURNING, values)).one()
-
-
 class TransitionRow(NamedTuple):
     """One lifecycle transition to store."""
 
@@ -433,16 +426,53 @@ _ADD_TRANSITIONS = (
 )
 
 
+_INSERT_COMMAND = (  # the table's own column names, nothing from outside
+    f"new_command AS (INSERT INTO commands ({', '.join(c.name for c in commands.c)})"  # noqa: S608
+    f" VALUES ({', '.join(f':cmd_{c.name}' for c in commands.c)}) RETURNING *)"
+)
+_JSON_COLUMNS = frozenset(c.name for c in commands.c if isinstance(c.type, JSONB))
+_INSERTED: dict[tuple[str, ...], TextualSelect] = {}
+
+
+def new_command(values: Mapping[str, Any]) -> domain.Command:
+    """The lifecycle's view of a command about to be inserted with `values`."""
+    return domain.Command(
+        id=values["id"],
+        device_id=values["device_id"],
+        action=values["action"],
+        status=values["status"],
+        created_at=values["created_at"],
+        expires_at=values["expires_at"],
+        detail=values.get("detail"),
+        ota_version=values.get("ota_version"),
+        correlation=dict(values.get("correlation") or {}),
+    )
+
+
 async def write(
     conn: Conn,
     changed: Sequence[tuple[domain.Command, datetime]],
     steps: Sequence[TransitionRow],
     events: StagedInsert | None,
-) -> None:
+    *,
+    insert: Mapping[str, Any] | None = None,
+) -> Row[Any] | None:
     """Write the lifecycle fields of each changed command (each at most once, stamped with its
-    time), the transitions in this order and the events, in one statement (one round trip)."""
+    time), the transitions in this order and the events, in one statement (one round trip);
+    with `insert`, a new command too (its transitions may name it: foreign keys are checked at
+    the end of the statement), whose row as stored is returned."""
     ctes: list[str] = []
     params: dict[str, Any] = {}
+    if insert is not None:
+        ctes.append(_INSERT_COMMAND)
+        params.update(
+            {
+                f"cmd_{c.name}": _json(insert.get(c.name, {}))
+                if c.name in _JSON_COLUMNS
+                else insert.get(c.name)
+                for c in commands.c
+            }
+        )
     if changed:
         ctes.append(_SAVE_ALL)
         params.update(
@@ -468,8 +498,24 @@ async def write(
     if events is not None:
         ctes.extend(events.ctes)
         params.update(events.params)
+    if insert is not None:
+        return (await conn.execute(_returning_new(tuple(ctes)), params)).one()
     if ctes:
         await conn.execute(statement(ctes), params)
+    return None
+
+
+def _returning_new(ctes: tuple[str, ...]) -> TextualSelect:
+    """`WITH <ctes> SELECT * FROM new_command`, its columns typed like the table's."""
+    found = _INSERTED.get(ctes)
+    if found is None:
+        found = _INSERTED[ctes] = statement(ctes, "SELECT * FROM new_command").columns(*commands.c)
+    return found
+
+
+def _json(value: Any) -> str:
+    # Text without SQLAlchemy's types: JSON goes as its text, as the JSONB type would send it.
+    return json.dumps(value)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,13 @@
 events through the outbox, all in the caller's transaction; counted once the transaction commits.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import event
+from sqlalchemy import Row, event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -91,12 +93,17 @@ class Writes:
         """Stage another event (in order with the status events)."""
         self._events.append(outbox_event(topic, evt))
 
-    async def flush(self, session: AsyncSession) -> None:
-        """Write what was staged, in the caller's transaction; counted once it commits."""
+    async def flush(
+        self, session: AsyncSession, *, insert: Mapping[str, Any] | None = None
+    ) -> Row[Any] | None:
+        """Write what was staged, in the caller's transaction; counted once it commits. With
+        `insert`, the values of a new command the staged steps are about: inserted in the same
+        statement, its row returned."""
         rows, self._rows = self._rows, {}
         steps, self._transitions = self._transitions, []
         events, self._events = self._events, []
         moves, self._moves = self._moves, []
         staged = staged_insert(session, store.outbox, events) if events else None
-        await store.write(session, list(rows.values()), steps, staged)
+        row = await store.write(session, list(rows.values()), steps, staged, insert=insert)
         session.info.setdefault(_MOVES, []).extend(moves)
+        return row
