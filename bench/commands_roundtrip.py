@@ -379,9 +379,8 @@ def cpu_s(pid: int) -> float:
 
 
 class StatementCounts:
-    """Statements each bench database ran during a phase, from `pg_stat_statements` when the
-    server has it (not part of the stack's configuration: add it to `shared_preload_libraries`
-    and `CREATE EXTENSION pg_stat_statements` in `postgres` to get these lines)."""
+    """Statements each bench database ran during a phase, from `pg_stat_statements` (the local
+    stack loads it; without it these lines are left out)."""
 
     def __init__(self, admin_url: str, databases: dict[str, str]) -> None:
         self._url = admin_url.replace("postgresql+asyncpg://", "postgresql://", 1)
