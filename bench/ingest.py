@@ -443,8 +443,8 @@ async def main() -> int:
                         broker, admin, proc.pid, args.devices, tag
                     )
                     print(
-                        f"  gateway RSS: {idle:.0f} MB idle, {loaded:.0f} MB with {connected:,} "
-                        f"simulated devices connected (target <= 150 MB)"
+                        f"  gateway RSS: {idle:.0f} MB right after the rate run, {loaded:.0f} MB "
+                        f"with {connected:,} simulated devices connected (target <= 150 MB)"
                     )
         finally:
             if proc is not None:
@@ -479,7 +479,13 @@ async def main() -> int:
     ]
     if not args.skip_rss:
         results.append(
-            metric(f"gateway_rss_mb_{args.devices}_devices", loaded, "MB", idle, "gateway RSS idle")
+            metric(
+                f"gateway_rss_mb_{args.devices}_devices",
+                loaded,
+                "MB",
+                idle,
+                "gateway RSS after the rate run",
+            )
         )
     print("\n".join(results))
     return 0
