@@ -138,12 +138,16 @@ async def insert_device(conn: Conn, values: dict[str, Any]) -> Device:
     return _device(row)
 
 
+# One device by id: the writes' `get_device` (in their transaction) and the GET routes'
+# `read_device` (on the driver) run the same statement.
+_DEVICE_BY_ID = select(*_DEVICE_COLUMNS).where(devices.c.id == bindparam("device_id"))
+_DEVICE_BY_ID_FOR_UPDATE = _DEVICE_BY_ID.with_for_update()
+
+
 async def get_device(conn: Conn, device_id: str, *, for_update: bool = False) -> Device | None:
     """One device, or None."""
-    query = select(*_DEVICE_COLUMNS).where(devices.c.id == device_id)
-    if for_update:
-        query = query.with_for_update()
-    row = (await conn.execute(query)).first()
+    query = _DEVICE_BY_ID_FOR_UPDATE if for_update else _DEVICE_BY_ID
+    row = (await conn.execute(query, {"device_id": device_id})).first()
     return _device(row) if row is not None else None
 
 
@@ -218,7 +222,6 @@ def _map_statement(scope: frozenset[str]) -> Select[Any]:
     )
 
 
-_READ_DEVICE = select(*_DEVICE_COLUMNS).where(devices.c.id == bindparam("device_id"))
 _RECENT_POSITIONS = (
     select(device_positions.c.lat, device_positions.c.lon, device_positions.c.at)
     .where(device_positions.c.device_id == bindparam("device_id"))
@@ -228,7 +231,7 @@ _RECENT_POSITIONS = (
 
 async def read_device(reads: Reads, device_id: str) -> Device | None:
     """One device, or None (the GET routes' read; writes use `get_device` in their session)."""
-    rows = await reads.fetch(_READ_DEVICE, {"device_id": device_id})
+    rows = await reads.fetch(_DEVICE_BY_ID, {"device_id": device_id})
     return Device(*rows[0]) if rows else None
 
 
