@@ -192,12 +192,12 @@ class StatusWatch:
     service more CPU than the commands themselves on a small machine); the others show where
     the time goes."""
 
-    STAGES = ("dispatched", "sent", "succeeded")
+    STAGES = ("dispatched", "sent", "device succeeded", "succeeded")
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
         self._consumer = AIOKafkaConsumer(
             prefix + commands.DISPATCH.name, prefix + commands.STATUS.name,
-            bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None,
+            prefix + device.REPORT.name, bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None,
             fetch_max_wait_ms=50,
         )  # fmt: skip
         self._done: dict[str, asyncio.Event] = {}
@@ -225,6 +225,9 @@ class StatusWatch:
             stages = self.seen.setdefault(data.get("command_id", ""), {})
             if record.topic.endswith(commands.DISPATCH.name):
                 stages.setdefault("dispatched", at)
+            elif record.topic.endswith(device.REPORT.name):
+                if data.get("status") == "succeeded":
+                    stages.setdefault("device succeeded", at)
             elif data.get("reporter") == "gateway" and data.get("status") == "sent":
                 stages.setdefault("sent", at)
             elif data.get("reporter") == "commands" and data.get("status") == "succeeded":

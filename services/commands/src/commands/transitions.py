@@ -12,7 +12,7 @@ from sqlalchemy import Row, event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
-from commands import domain, store
+from commands import domain, store, waiting
 from common.contracts import commands as contract
 from common.contracts.commands import CommandStatus
 from common.contracts.topic import Topic
@@ -31,20 +31,26 @@ ACTIVE = Gauge(
     "Commands on their way (queued, sent, acked) by status, refreshed every few seconds.",
     ["status"],
 )
-# Session.info key: transitions of the open transaction, counted when (if) it commits.
+# Session.info keys: transitions of the open transaction, counted when (if) it commits, and the
+# commands it wrote, whose waiting readers are woken then.
 _MOVES = "commands.moves"
+_CHANGED = "commands.changed"
 
 
 @event.listens_for(Session, "after_commit")
 def _count_committed(session: Session) -> None:
     for action, status in session.info.pop(_MOVES, ()):
         TRANSITIONS.labels(action, status).inc()
+    changed = session.info.pop(_CHANGED, None)
+    if changed:
+        waiting.committed(changed)
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget_rolled_back(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(_MOVES, None)
+        session.info.pop(_CHANGED, None)
 
 
 @dataclass
@@ -106,4 +112,5 @@ class Writes:
         staged = staged_insert(session, store.outbox, events) if events else None
         row = await store.write(session, list(rows.values()), steps, staged, insert=insert)
         session.info.setdefault(_MOVES, []).extend(moves)
+        session.info.setdefault(_CHANGED, set()).update(rows)
         return row
