@@ -305,14 +305,14 @@ class OutboxRelay:
         waking = bool(self._outbox.info.get("wake_relay"))
         if waking:
             _relays.setdefault(self._outbox.fullname, weakref.WeakSet()).add(self)
-        listener = _Listener(self._engine, notify_channel(self._outbox), self.wake)
+        listener = CommitListener(self._engine, notify_channel(self._outbox), self.wake)
         try:
             await self._run(stop, listener if waking else None)
         finally:
             _relays.get(self._outbox.fullname, weakref.WeakSet()).discard(self)
             await listener.close()
 
-    async def _run(self, stop: asyncio.Event, listener: "_Listener | None") -> None:
+    async def _run(self, stop: asyncio.Event, listener: "CommitListener | None") -> None:
         # Purge on a clock, not every N rounds: wake-ups make rounds as frequent as commits.
         purge_every_s = 600 * self._poll_interval_s
         clock = asyncio.get_running_loop().time
@@ -341,7 +341,7 @@ class OutboxRelay:
             if count < self._batch_size and await _wait(stop, idle, self._wake):
                 self.stats.wakeups += 1
 
-    def _idle_wait(self, listener: "_Listener | None") -> float:
+    def _idle_wait(self, listener: "CommitListener | None") -> float:
         # While LISTENing, every commit anywhere wakes us: the poll is only the safety net for
         # a lost notification, so it can be slow (idle polling was ~8% of a gateway's CPU).
         if listener is not None and listener.listening:
@@ -424,8 +424,10 @@ class OutboxRelay:
 LISTENING_POLL_INTERVAL_S = 1.0
 
 
-class _Listener:
-    """A connection of its own that LISTENs for other processes' commits (asyncpg only)."""
+class CommitListener:
+    """A connection of its own that LISTENs for other processes' commits of outbox events
+    (asyncpg only): `wake()` is called for each. The relay uses it; so can anything else that
+    follows another replica's writes (`ensure()` it now and then, `close()` it at the end)."""
 
     def __init__(self, engine: AsyncEngine, channel: str, wake: Callable[[], None]) -> None:
         self._engine = engine

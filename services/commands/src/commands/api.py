@@ -1,7 +1,9 @@
 """HTTP routes (thin): send a command, read one, read a device's history."""
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 from datetime import datetime
 from typing import Annotated, Any
@@ -11,7 +13,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from commands import domain, store
+from commands import domain, store, waiting
 from commands.access import access_device, not_found
 from commands.handlers import (
     CommandService,
@@ -20,7 +22,7 @@ from commands.handlers import (
     Requester,
     UnknownDeviceError,
 )
-from common.auth import CurrentPrincipal
+from common.auth import CurrentPrincipal, Principal
 from common.contracts.commands import Action, CommandState
 from common.http import ProblemError
 
@@ -146,9 +148,31 @@ async def send_command(
     )
 
 
-@router.get("/commands/{command_id}", response_model=CommandOut)
-async def get_command(command_id: str, principal: CurrentPrincipal, request: Request) -> CommandOut:
-    """One command with its history."""
+# The longest `Prefer: wait` honoured (a longer one is cut to this): below the API gateway's
+# read timeout (nginx: 60 s), so a waiting GET always gets its answer.
+MAX_WAIT_S = 30
+
+PREFER_DOC = (
+    "`wait=N` (RFC 7240): answer when the command has ended (succeeded, failed, rejected or "
+    f"expired) or after N seconds (at most {MAX_WAIT_S}), whichever comes first, instead of "
+    "at once; the answer carries `Preference-Applied: wait=N`. Other preferences are ignored."
+)
+
+
+def preferred_wait(prefer: str | None) -> int | None:
+    """The `wait=N` of a Prefer header, cut to MAX_WAIT_S; None without one. A value that is
+    not delta-seconds is ignored, as RFC 7240 asks of preferences a server cannot read."""
+    for item in (prefer or "").split(","):
+        name, _, value = item.split(";", 1)[0].partition("=")
+        if name.strip().lower() == "wait":
+            value = value.strip().strip('"')
+            return min(int(value), MAX_WAIT_S) if value.isdigit() else None
+    return None
+
+
+async def _visible_view(
+    request: Request, principal: Principal, command_id: str
+) -> store.CommandView:
     async with _reads(request).connect() as conn:
         view = await store.command_view(conn, command_id)
     if view is None or view.device is None:
@@ -157,6 +181,31 @@ async def get_command(command_id: str, principal: CurrentPrincipal, request: Req
         access_device(principal, view.device, view.row.device_id, "read")
     except ProblemError as exc:
         raise ProblemError(404, "Not found", f"no command {command_id!r}") from exc
+    return view
+
+
+@router.get("/commands/{command_id}", response_model=CommandOut)
+async def get_command(
+    command_id: str,
+    principal: CurrentPrincipal,
+    request: Request,
+    response: Response,
+    prefer: Annotated[str | None, Header(description=PREFER_DOC)] = None,
+) -> CommandOut:
+    """One command with its history; with `Prefer: wait=N`, once it has ended (or N s)."""
+    wait_s = preferred_wait(prefer)
+    waiters: waiting.Waiters = request.app.state.waiters
+    # Watching starts before the first read, so a change committed in between still wakes us.
+    with waiters.watching(command_id) if wait_s else contextlib.nullcontext() as changed:
+        view = await _visible_view(request, principal, command_id)
+        if changed is not None and wait_s is not None:
+            response.headers["Preference-Applied"] = f"wait={wait_s}"
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + wait_s
+            while view.row.status not in domain.TERMINAL and loop.time() < deadline:
+                await waiting.wait_for_change(changed, deadline - loop.time())
+                changed.clear()
+                view = await _visible_view(request, principal, command_id)
     out = _out(view.row)
     out.history = [
         Transition(status=s.status, detail=s.detail, reporter=s.reporter, at=s.at)

@@ -10,7 +10,7 @@ from datetime import timedelta
 from fastapi import FastAPI
 from opentelemetry.sdk.trace import SpanProcessor
 
-from commands import consumers, store, transitions
+from commands import consumers, store, transitions, waiting
 from commands.api import router
 from commands.handlers import CommandService
 from commands.progress import Progress
@@ -21,6 +21,7 @@ from common.db import make_engine
 from common.health import health_router
 from common.http import install_http_conventions
 from common.infra import Infra
+from common.outbox import notify_channel
 from common.telemetry import FASTAPI_NATIVE_TELEMETRY_OFF, instrument_app
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ def create_app(
     )
     stats = consumers.register(infra.broker, service, progress, settings)
     sessions = infra.sessions
+    waiters = waiting.Waiters()
+    engine = infra.engine
+    assert engine is not None  # noqa: S101 - as the sessions
 
     async def count_active() -> None:
         async with sessions() as session:
@@ -86,6 +90,12 @@ def create_app(
                     ),
                     asyncio.create_task(
                         _every(settings.metrics_interval_s, stop, count_active), name="metrics"
+                    ),
+                    asyncio.create_task(
+                        waiting.follow_other_replicas(
+                            waiters, engine, notify_channel(store.outbox), stop
+                        ),
+                        name="waiters",
                     ),
                 ]
                 try:
@@ -107,6 +117,7 @@ def create_app(
     app.state.infra = infra
     app.state.service = service
     app.state.reads = reads
+    app.state.waiters = waiters
     app.state.consumer_stats = stats
     app.state.verifier = verifier or InternalTokenVerifier(jwks_url=settings.jwks_url)
     install_http_conventions(app)

@@ -1,11 +1,18 @@
-"""The commands service's tables (its own database; no other service reads them) and queries."""
+"""The commands service's tables (its own database; no other service reads them) and queries.
+
+The hot paths (the batches' locked reads, the lifecycle write, the accept's device read) run on
+the session's pooled asyncpg connection (`driver`) with their SQL compiled once (`fetch`):
+through the session, each statement cost more client CPU in SQLAlchemy (cache key, compile,
+result objects, greenlet hops) than the round trip itself.
+"""
 
 import json
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
+import asyncpg
 from sqlalchemy import (
     BigInteger,
     Boolean,

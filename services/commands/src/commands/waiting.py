@@ -18,6 +18,10 @@ import contextlib
 import weakref
 from collections.abc import Iterable, Iterator
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from common.outbox import CommitListener
+
 # Each process's waiter registries, for `committed()` (transactions do not know the app).
 _registries: "weakref.WeakSet[Waiters]" = weakref.WeakSet()
 
@@ -33,38 +37,38 @@ def committed(command_ids: Iterable[str]) -> None:
 
 
 class Waiters:
-    """One asyncio.Event per command someone is waiting on, shared by its waiters."""
+    """The wake-up events of the waiters of each command (one per waiter: a waiter clears its
+    own before each read, so another waiter's clear cannot swallow its wake-up)."""
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-        self._counts: dict[str, int] = {}
+        self._events: dict[str, set[asyncio.Event]] = {}
         _registries.add(self)
 
     @contextlib.contextmanager
     def watching(self, command_id: str) -> Iterator[asyncio.Event]:
-        """The command's wake-up event while inside. Clear it *before* each read, then wait on
+        """This waiter's wake-up event while inside. Clear it *before* each read, then wait on
         it: a commit after the clear sets it, so no change between read and wait is missed."""
-        event = self._events.setdefault(command_id, asyncio.Event())
-        self._counts[command_id] = self._counts.get(command_id, 0) + 1
+        event = asyncio.Event()
+        self._events.setdefault(command_id, set()).add(event)
         try:
             yield event
         finally:
-            self._counts[command_id] -= 1
-            if not self._counts[command_id]:
-                del self._counts[command_id]
+            events = self._events[command_id]
+            events.discard(event)
+            if not events:
                 del self._events[command_id]
 
     def changed(self, command_ids: Iterable[str]) -> None:
         """Wake the waiters of these commands."""
         for command_id in command_ids:
-            event = self._events.get(command_id)
-            if event is not None:
+            for event in self._events.get(command_id, ()):
                 event.set()
 
     def changed_elsewhere(self) -> None:
         """Another process committed changes to some commands: every waiter reads again."""
-        for event in self._events.values():
-            event.set()
+        for events in self._events.values():
+            for event in events:
+                event.set()
 
     @property
     def waiting(self) -> int:
@@ -76,3 +80,19 @@ async def wait_for_change(event: asyncio.Event, seconds: float) -> None:
     """Until `event` is set or `seconds` (at most RECHECK_S) pass."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), min(seconds, RECHECK_S))
+
+
+async def follow_other_replicas(
+    waiters: Waiters, engine: AsyncEngine, channel: str, stop: asyncio.Event
+) -> None:
+    """LISTEN for other processes' commits on `channel` (the outbox's) until `stop`, waking
+    every waiter on each; reconnects when the connection drops (waiters read again every
+    RECHECK_S meanwhile)."""
+    listener = CommitListener(engine, channel, waiters.changed_elsewhere)
+    try:
+        while not stop.is_set():
+            await listener.ensure()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), RECHECK_S)
+    finally:
+        await listener.close()
