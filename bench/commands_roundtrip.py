@@ -7,21 +7,25 @@ request → ack round trip, in one run, over the same simulated devices.
 2. The project's path: `POST /api/v1/devices/{id}/commands` to the commands service (a real
    `python -m commands serve`), its outbox and relay, Kafka, the gateway (`python -m gateway
    serve`), the broker, the device's ack back through the gateway and Kafka into the commands
-   service, and `GET /api/v1/commands/{id}` polled until it says `succeeded`.
+   service, and `GET /api/v1/commands/{id}` with `Prefer: wait=10`, which the service answers
+   as soon as the command has ended: the moment `succeeded` is visible by GET.
 
 Both send `set_setting` (acked `accepted` then `succeeded` at once by the simulator) at a fixed
 rate to random devices of a simulated fleet (`python -m gateway.simulator --generate N`).
 The HTTP calls go to the commands service directly, with an internal token (not through nginx
-and the tokens service's auth_request, whose cost `bench/verify.py` measures).
+and the tokens service's auth_request, whose cost `bench/verify.py` measures), over keep-alive
+connections of a lean client (`common.testing.lean_http`: httpx costs ~1.2 ms of Python per
+request here, taken from the same two cores as the services).
 
 Needs the local stack (`deploy/local/stack start`). Bounded: N devices, rate x seconds
 commands per measurement. Prints readable lines, then one JSON line per metric.
 
-`succeeded` is taken from the status event the commands service publishes (then one GET
-confirms it), not by polling every command: polls every few ms per command cost the service
-more CPU than the commands on a 2-core machine and made it slower than what it measured. The
-platform phase also prints, per stage, when the dispatch reached Kafka, when the gateway said
-`sent` and when `succeeded` was published, after the POST: where the time goes.
+Until session 6 the bench waited for the `succeeded` status event on Kafka and then GET the
+command once (polling every command every few ms cost the service more CPU than the commands);
+that added the status event's relay and Kafka hop to every figure. The platform phase also
+prints, per stage, when the dispatch reached Kafka, when the gateway said `sent`, when the
+device's `succeeded` report reached Kafka and when the service's `succeeded` status event was
+published, after the POST (where the time goes), and how busy the whole machine was.
 
 Figures: services/commands/README.md ("Benchmark").
 """
@@ -39,6 +43,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,6 +58,7 @@ from common.contracts import commands, device, fleet, platform
 from common.events import encode, new_event
 from common.migrations import upgrade
 from common.testing.auth import TestIssuer
+from common.testing.lean_http import LeanPool
 from common.testing.stack import (
     StackAddresses,
     create_database,
@@ -68,6 +74,7 @@ from gateway.simulator.runner import NODELAY
 from gateway.testing import BridgeAccount, Broker, admin_session, bridge_account
 
 ADMIN = Principal(user_id="bench-admin", role="admin")
+TERMINAL = frozenset({"succeeded", "failed", "rejected", "expired"})
 SETTING = {"key": "cooldown_s", "value": 60}
 
 
@@ -197,10 +204,10 @@ class StatusWatch:
     def __init__(self, bootstrap: str, prefix: str) -> None:
         self._consumer = AIOKafkaConsumer(
             prefix + commands.DISPATCH.name, prefix + commands.STATUS.name,
-            prefix + device.REPORT.name, bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None,
+            prefix + device.REPORT.name,
+            bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=None,
             fetch_max_wait_ms=50,
         )  # fmt: skip
-        self._done: dict[str, asyncio.Event] = {}
         self.seen: dict[str, dict[str, float]] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -214,9 +221,6 @@ class StatusWatch:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self._consumer.stop()
-
-    def _event(self, command_id: str) -> asyncio.Event:
-        return self._done.setdefault(command_id, asyncio.Event())
 
     async def _read(self) -> None:
         async for record in self._consumer:
@@ -232,15 +236,6 @@ class StatusWatch:
                 stages.setdefault("sent", at)
             elif data.get("reporter") == "commands" and data.get("status") == "succeeded":
                 stages.setdefault("succeeded", at)
-                self._event(data["command_id"]).set()
-
-    async def succeeded(self, command_id: str, within_s: float) -> bool:
-        """Whether the command's `succeeded` was published within `within_s` seconds."""
-        try:
-            await asyncio.wait_for(self._event(command_id).wait(), within_s)
-        except TimeoutError:
-            return False
-        return True
 
     def stages(self, started: dict[str, float]) -> str:
         """p50/p99 of each stage's time after the POST, over the commands in `started`."""
@@ -259,56 +254,61 @@ class StatusWatch:
 
 
 async def platform_round_trips(
-    base: str, issuer: TestIssuer, watch: StatusWatch, ids: list[str], *, rate: float,
+    port: int, issuer: TestIssuer, watch: StatusWatch, ids: list[str], *, rate: float,
     seconds: float,
 ) -> tuple[list[float], int]:  # fmt: skip
-    """POST, then GET until `succeeded` (a GET when the status event says so)."""
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=10) as http:
-        headers = issuer.headers(ADMIN)
-        outcomes: dict[str, int] = {}
+    """POST, then one GET with `Prefer: wait=10`, answered when the command has ended."""
+    pool = LeanPool(port, issuer.headers(ADMIN))
+    outcomes: dict[str, int] = {}
 
-        async def one(_: int) -> float | None:
-            device_id = random.choice(ids)
-            body = {"action": "set_setting", "params": SETTING}
-            t0 = time.perf_counter()
-            try:
-                r = await http.post(f"/devices/{device_id}/commands", json=body, headers=headers)
-                if r.status_code != 202:
-                    outcomes[f"POST {r.status_code}"] = outcomes.get(f"POST {r.status_code}", 0) + 1
+    def failed(why: str) -> None:
+        outcomes[why] = outcomes.get(why, 0) + 1
+
+    async def one(_: int) -> float | None:
+        device_id = random.choice(ids)
+        body = {"action": "set_setting", "params": SETTING}
+        t0 = time.perf_counter()
+        try:
+            async with pool.connection() as http:
+                status, answer = await http.post(f"/api/v1/devices/{device_id}/commands", body)
+                if status != 202:
+                    failed(f"POST {status}")
                     return None
-                command_id = r.json()["id"]
+                command_id = json.loads(answer)["id"]
                 started[command_id] = t0
                 answered.append((time.perf_counter() - t0) * 1000)
-                while time.perf_counter() < t0 + 10:
-                    # The status event follows the commit that made the command `succeeded`,
-                    # so the GET after it shows it (the wait adds the event's few ms to the
-                    # figure: it errs on the slow side).
-                    if not await watch.succeeded(command_id, t0 + 10 - time.perf_counter()):
-                        break
-                    got = await http.get(f"/commands/{command_id}", headers=headers)
-                    if got.json()["status"] == "succeeded":
+                while (left := t0 + 10 - time.perf_counter()) > 0:
+                    status, answer = await http.get(
+                        f"/api/v1/commands/{command_id}", headers={"Prefer": f"wait={left:.0f}"}
+                    )
+                    if status != 200:
+                        failed(f"GET {status}")
+                        return None
+                    if (state := json.loads(answer)["status"]) in TERMINAL:
+                        if state != "succeeded":
+                            failed(state)
+                            return None
                         return (time.perf_counter() - t0) * 1000
-                    await asyncio.sleep(0.05)
-            except httpx.HTTPError:
-                outcomes["timeout"] = outcomes.get("timeout", 0) + 1
-                return None
-            outcomes["not succeeded in 10 s"] = outcomes.get("not succeeded in 10 s", 0) + 1
+        except (OSError, asyncio.IncompleteReadError):
+            failed("connection error")
             return None
+        failed("not succeeded in 10 s")
+        return None
 
-        started: dict[str, float] = {}
-        answered: list[float] = []
-        try:
-            return await paced(rate, seconds, one)
-        finally:
-            if outcomes:
-                print(f"  failures: {outcomes}", flush=True)
-            print(
-                f"  POST answered (202) p50 {pct(answered, 0.5):.0f} / p99 "
-                f"{pct(answered, 0.99):.0f} ms",
-                flush=True,
-            )
-            print(f"  after the POST, seen on Kafka: {watch.stages(started)}", flush=True)
+    started: dict[str, float] = {}
+    answered: list[float] = []
+    try:
+        return await paced(rate, seconds, one)
+    finally:
+        await pool.close()
+        if outcomes:
+            print(f"  failures: {outcomes}", flush=True)
+        print(
+            f"  POST answered (202) p50 {pct(answered, 0.5):.0f} / p99 "
+            f"{pct(answered, 0.99):.0f} ms",
+            flush=True,
+        )
+        print(f"  after the POST, seen on Kafka: {watch.stages(started)}", flush=True)
 
 
 async def wait_known(base: str, issuer: TestIssuer, ids: list[str]) -> None:
@@ -372,6 +372,28 @@ async def wait_online(bootstrap: str, topic: str, ids: set[str], deadline_s: flo
 def served(procs: list[subprocess.Popen[bytes]]) -> list[tuple[str, subprocess.Popen[bytes]]]:
     """The gateway and the commands service (started first, in that order)."""
     return list(zip(("gateway", "commands"), procs[:2], strict=False))
+
+
+def machine_busy_s() -> "Busy":
+    """Busy and total CPU time of the whole machine so far (Linux /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return Busy(sum(fields) - idle, sum(fields))
+
+
+@dataclass(frozen=True)
+class Busy:
+    """CPU ticks: busy and total, over every core."""
+
+    busy: int
+    total: int
+
+    def __sub__(self, other: "Busy") -> "Busy":
+        return Busy(self.busy - other.busy, self.total - other.total)
+
+    def cores(self) -> float:
+        """How many cores were busy on average."""
+        return self.busy / self.total * (os.cpu_count() or 1) if self.total else float("nan")
 
 
 def cpu_s(pid: int) -> float:
@@ -540,7 +562,7 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                     async with watch:
                         # Warm-up: connections, consumer groups, caches (not measured).
                         await platform_round_trips(
-                            base, issuer, watch, ids, rate=args.rate, seconds=2
+                            cmd_port, issuer, watch, ids, rate=args.rate, seconds=2
                         )
                         raw, raw_lost = await raw_round_trips(
                             broker, raw_account, ids, args.rate, args.seconds
@@ -548,8 +570,16 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                         statements = StatementCounts(stack.pg_admin_url, dbs)
                         await statements.start()
                         before = {name: cpu_s(proc.pid) for name, proc in served(procs)}
+                        busy_before = machine_busy_s()
                         ours, ours_lost = await platform_round_trips(
-                            base, issuer, watch, ids, rate=args.rate, seconds=args.seconds
+                            cmd_port, issuer, watch, ids, rate=args.rate, seconds=args.seconds
+                        )
+                        busy = machine_busy_s() - busy_before
+                        print(
+                            f"  machine: {busy.cores():.2f} of {os.cpu_count()} cores busy "
+                            "over the phase (every process: the stack, the services, the "
+                            "simulator and this client)",
+                            flush=True,
                         )
                         sent = int(args.rate * args.seconds)
                         print(

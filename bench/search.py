@@ -6,7 +6,7 @@ searches by id prefix, customer email fragment and name fragment as an admin (wh
 every device: the largest search space). Each search runs through the service as a client meets
 it (`GET /api/v1/devices` on `python -m fleet serve`, a real uvicorn on a loopback port, over one
 keep-alive HTTP/1.1 connection from a lean client: auth, validation, the store's query,
-serialization; the same through httpx is printed beside, see `LeanHttp`) and as the
+serialization; the same through httpx is printed beside, see `common.testing.lean_http`) and as the
 same SQL on one bare asyncpg connection (which, like the service's, gets the database's
 `plan_cache_mode = force_custom_plan` from migration 0003). The database is dropped at the end.
 
@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import asyncpg
 import httpx
@@ -36,6 +35,7 @@ from common.auth import Principal
 from common.contracts.device import PRESENCE, REPORT, TELEMETRY
 from common.migrations import upgrade
 from common.testing.auth import TestIssuer
+from common.testing.lean_http import LeanHttp
 from common.testing.stack import (
     StackAddresses,
     create_database,
@@ -210,46 +210,6 @@ async def start_fleet(env: dict[str, str], port: int) -> asyncio.subprocess.Proc
             await asyncio.sleep(0.2)
     process.terminate()
     raise SystemExit("the fleet service did not come up within 60 s")
-
-
-class LeanHttp:
-    """One keep-alive HTTP/1.1 connection and nothing on top: GET, read the status line, the
-    headers and a `Content-Length` body.
-
-    The service is measured with this client, because httpx costs about 1.2 ms of Python per
-    request on this machine (the bench prints both clients' `/healthz` floor). That is more than
-    the service's own work on a search, and the SQL side is timed with asyncpg, a lean Cython
-    client. The httpx figures are printed beside, as a Python API client meets the service.
-    """
-
-    def __init__(self, port: int, headers: dict[str, str]) -> None:
-        self._port = port
-        self._headers = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def __aenter__(self) -> "LeanHttp":
-        self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self._port)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            await self._writer.wait_closed()
-
-    async def get(self, path: str, params: dict[str, Any] | None = None) -> tuple[int, bytes]:
-        if self._reader is None or self._writer is None:
-            raise RuntimeError("LeanHttp is used inside `async with`")
-        target = f"{path}?{urlencode(params)}" if params else path
-        request = f"GET {target} HTTP/1.1\r\nHost: bench\r\n{self._headers}\r\n"
-        self._writer.write(request.encode())
-        head = (await self._reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        status = int(head[0].split(" ", 2)[1])
-        fields = dict(line.split(":", 1) for line in head[1:] if ":" in line)
-        length = {k.strip().lower(): v.strip() for k, v in fields.items()}.get("content-length")
-        if length is None:
-            raise SystemExit(f"{target}: no Content-Length; this client reads only that")
-        return status, await self._reader.readexactly(int(length))
 
 
 async def measure(

@@ -1,5 +1,6 @@
-"""`common.kafka_batch`: how a batch consumer polls (no servers needed)."""
+"""`common.kafka_batch`: how a batch consumer polls and commits (no servers needed)."""
 
+import asyncio
 from typing import Any, cast
 
 import anyio
@@ -92,3 +93,51 @@ async def test_a_poll_that_came_back_empty_at_once_waits_out_the_rest(clock: Clo
     consumer = Consumer(clock, waits=0.005, batches={})
     assert await poll()(consumer) == ()
     assert clock.slept == [pytest.approx(0.015)]
+
+
+class Record:
+    def __init__(self, partition: int, offset: int) -> None:
+        self.topic, self.partition, self.offset = "t", partition, offset
+
+
+class CommittingConsumer:
+    """Records each commit; a commit waits until the test lets it through."""
+
+    def __init__(self) -> None:
+        self.commits: list[dict[int, int]] = []
+        self.gate = asyncio.Event()
+        self.fail_next = False
+
+    async def commit(self, offsets: dict[Any, Any]) -> None:
+        await self.gate.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("coordinator went away")
+        self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
+
+
+async def test_the_next_batch_does_not_wait_for_the_previous_commit() -> None:
+    consumer = CommittingConsumer()
+    committer = kafka_batch._Committer("g")
+    committer.handled(consumer, [Record(0, 5), Record(0, 6), Record(1, 2)])
+    await asyncio.sleep(0)  # the first commit is in flight, held at the gate
+    # Handing over the next batch returns at once, while that commit is still pending.
+    committer.handled(consumer, [Record(0, 7)])
+    committer.handled(consumer, [Record(1, 1)])  # older than what was handed over: no step back
+    assert consumer.commits == []
+    consumer.gate.set()
+    await committer.flush()
+    # One commit at a time, past the last record handled: the position only moves forward.
+    assert consumer.commits == [{0: 7, 1: 3}, {0: 8}]
+
+
+async def test_a_failed_commit_is_not_fatal_and_later_offsets_still_go() -> None:
+    consumer = CommittingConsumer()
+    consumer.fail_next = True
+    consumer.gate.set()
+    committer = kafka_batch._Committer("g")
+    committer.handled(consumer, [Record(0, 1)])
+    await committer.flush()
+    committer.handled(consumer, [Record(0, 2)])
+    await committer.flush()
+    assert consumer.commits == [{0: 3}]
