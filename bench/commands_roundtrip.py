@@ -25,7 +25,8 @@ command once (polling every command every few ms cost the service more CPU than 
 that added the status event's relay and Kafka hop to every figure. The platform phase also
 prints, per stage, when the dispatch reached Kafka, when the gateway said `sent`, when the
 device's `succeeded` report reached Kafka and when the service's `succeeded` status event was
-published, after the POST (where the time goes), and how busy the whole machine was.
+published, after the POST (where the time goes: `--stages`, which costs CPU of its own), and
+how busy the whole machine was.
 
 Figures: services/commands/README.md ("Benchmark").
 """
@@ -83,6 +84,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=50.0, help="commands per second")
     parser.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="also read the command's topics to show when each stage was reached (costs this "
+        "client ~1 ms of CPU per command, taken from the machine the services share)",
+    )
     return parser.parse_args()
 
 
@@ -254,7 +261,7 @@ class StatusWatch:
 
 
 async def platform_round_trips(
-    port: int, issuer: TestIssuer, watch: StatusWatch, ids: list[str], *, rate: float,
+    port: int, issuer: TestIssuer, watch: StatusWatch | None, ids: list[str], *, rate: float,
     seconds: float,
 ) -> tuple[list[float], int]:  # fmt: skip
     """POST, then one GET with `Prefer: wait=10`, answered when the command has ended."""
@@ -308,7 +315,8 @@ async def platform_round_trips(
             f"{pct(answered, 0.99):.0f} ms",
             flush=True,
         )
-        print(f"  after the POST, seen on Kafka: {watch.stages(started)}", flush=True)
+        if watch is not None:
+            print(f"  after the POST, seen on Kafka: {watch.stages(started)}", flush=True)
 
 
 async def wait_known(base: str, issuer: TestIssuer, ids: list[str]) -> None:
@@ -372,6 +380,38 @@ async def wait_online(bootstrap: str, topic: str, ids: set[str], deadline_s: flo
 def served(procs: list[subprocess.Popen[bytes]]) -> list[tuple[str, subprocess.Popen[bytes]]]:
     """The gateway and the commands service (started first, in that order)."""
     return list(zip(("gateway", "commands"), procs[:2], strict=False))
+
+
+def stack_pids() -> dict[str, list[int]]:
+    """The local stack's processes by name (PostgreSQL: the postmaster and its backends), from
+    its pid files; what is not found is left out."""
+    run = Path(os.environ.get("AUTOGEN_LOCAL_DIR", ".local")) / "run"
+    found: dict[str, list[int]] = {}
+    for name in ("kafka", "mosquitto", "postgres"):
+        with contextlib.suppress(OSError, ValueError):
+            found[name] = [int((run / f"{name}.pid").read_text().split()[0])]
+    if "postgres" in found:
+        postmaster = found["postgres"][0]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    found["postgres"].append(int(stat.parent.name))
+    return found
+
+
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each of these processes still running."""
+    found: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            found[pid] = cpu_s(pid)
+    return found
+
+
+def cpu_since(before: dict[int, float], pids: list[int]) -> float:
+    """CPU seconds these processes used since `before` (a process started meanwhile: all of
+    its time; one that exited meanwhile is not seen)."""
+    return sum(now - before.get(pid, 0.0) for pid, now in cpu_by_pid(pids).items())
 
 
 def machine_busy_s() -> "Busy":
@@ -558,8 +598,10 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                     print(f"  {online} of {args.devices} devices online", flush=True)
                     base = f"http://127.0.0.1:{cmd_port}/api/v1"
                     await wait_known(base, issuer, ids)
-                    watch = StatusWatch(stack.kafka_bootstrap_servers, prefix)
-                    async with watch:
+                    watch = (
+                        StatusWatch(stack.kafka_bootstrap_servers, prefix) if args.stages else None
+                    )
+                    async with watch or contextlib.nullcontext():
                         # Warm-up: connections, consumer groups, caches (not measured).
                         await platform_round_trips(
                             cmd_port, issuer, watch, ids, rate=args.rate, seconds=2
@@ -570,6 +612,12 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                         statements = StatementCounts(stack.pg_admin_url, dbs)
                         await statements.start()
                         before = {name: cpu_s(proc.pid) for name, proc in served(procs)}
+                        others = {
+                            **stack_pids(),
+                            "simulator": [sim.pid],
+                            "this client": [os.getpid()],
+                        }
+                        others_before = {name: cpu_by_pid(p) for name, p in others.items()}
                         busy_before = machine_busy_s()
                         ours, ours_lost = await platform_round_trips(
                             cmd_port, issuer, watch, ids, rate=args.rate, seconds=args.seconds
@@ -587,6 +635,16 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                             + ", ".join(
                                 f"{name} {(cpu_s(proc.pid) - before[name]) / sent * 1000:.1f} ms"
                                 for name, proc in served(procs)
+                            ),
+                            flush=True,
+                        )
+                        # PostgreSQL's backends come and go: those running at the end count.
+                        others["postgres"] = stack_pids().get("postgres", [])
+                        print(
+                            "  and the rest of the machine per command: "
+                            + ", ".join(
+                                f"{name} {cpu_since(others_before[name], p) / sent * 1000:.1f} ms"
+                                for name, p in others.items()
                             ),
                             flush=True,
                         )

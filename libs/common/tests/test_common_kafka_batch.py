@@ -118,7 +118,7 @@ class CommittingConsumer:
 
 async def test_the_next_batch_does_not_wait_for_the_previous_commit() -> None:
     consumer = CommittingConsumer()
-    committer = kafka_batch._Committer("g")
+    committer = kafka_batch._Committer("g", interval_s=0)
     committer.handled(consumer, [Record(0, 5), Record(0, 6), Record(1, 2)])
     await asyncio.sleep(0)  # the first commit is in flight, held at the gate
     # Handing over the next batch returns at once, while that commit is still pending.
@@ -135,9 +135,22 @@ async def test_a_failed_commit_is_not_fatal_and_later_offsets_still_go() -> None
     consumer = CommittingConsumer()
     consumer.fail_next = True
     consumer.gate.set()
-    committer = kafka_batch._Committer("g")
+    committer = kafka_batch._Committer("g", interval_s=0)
     committer.handled(consumer, [Record(0, 1)])
     await committer.flush()
     committer.handled(consumer, [Record(0, 2)])
     await committer.flush()
     assert consumer.commits == [{0: 3}]
+
+
+async def test_under_load_batches_share_a_commit_at_most_every_interval() -> None:
+    consumer = CommittingConsumer()
+    consumer.gate.set()
+    committer = kafka_batch._Committer("g", interval_s=0.2)
+    committer.handled(consumer, [Record(0, 1)])
+    await asyncio.sleep(0)  # the first goes at once
+    for offset in range(2, 12):  # ten batches within the interval
+        committer.handled(consumer, [Record(0, offset)])
+        await asyncio.sleep(0.005)
+    await committer.flush()
+    assert consumer.commits == [{0: 2}, {0: 12}]

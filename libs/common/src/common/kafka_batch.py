@@ -68,25 +68,33 @@ async def _first_record_context(
     return message
 
 
+# The shortest time between two offset commits of a group member (see `_Committer`).
+COMMIT_INTERVAL_S = 0.1
+
+
 class _Committer:
     """Commits a group member's offsets after its batches, one commit at a time, off the poll
-    loop.
+    loop, at most every `interval_s`.
 
     A batch's offsets are handed over once its handler returned (its work is stored); the next
     poll goes on meanwhile. Commits never overlap, and one commits the newest offsets handed
     over so far (a later batch's offsets cover an earlier one's), so the committed position
-    only moves forward. A commit that fails (a rebalance took the partition, Kafka went away)
-    only means those records are read again, by this member or the partition's next owner, and
-    batch handlers are idempotent; so is a commit still pending when the process dies.
+    only moves forward. Under load many batches share a commit: each commit is a request Kafka
+    writes to its offsets log, and one per small batch cost the broker and this client more CPU
+    than the records. A commit that fails (a rebalance took the partition, Kafka went away), or
+    one still pending when the process dies, only means those records are read again, by this
+    member or the partition's next owner: batch handlers are idempotent.
     """
 
-    def __init__(self, group_id: str) -> None:
+    def __init__(self, group_id: str, interval_s: float = COMMIT_INTERVAL_S) -> None:
         self._group_id = group_id
+        self._interval_s = interval_s
         self._pending: dict[TopicPartition, int] = {}
         # The furthest offset handed over per partition: a commit never goes back behind it.
         self._furthest: dict[TopicPartition, int] = {}
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._last = float("-inf")
 
     def handled(self, consumer: Any, records: Sequence[Any]) -> None:
         """These records are stored: commit past them soon."""
@@ -99,7 +107,12 @@ class _Committer:
             self._task = asyncio.create_task(self._commit(), name=f"commit {self._group_id}")
 
     async def _commit(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
+            wait_s = self._last + self._interval_s - loop.time()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)  # what comes meanwhile goes in this commit
+            self._last = loop.time()
             offsets, self._pending = self._pending, {}
             try:
                 await self._consumer.commit(

@@ -69,29 +69,39 @@ class LeanHttp:
 
 class LeanPool:
     """LeanHttp connections for concurrent requests: a free one is reused, else one is opened
-    (so the pool grows to the concurrency the benchmark reaches)."""
+    (so the pool grows to the concurrency the benchmark reaches). One idle for `max_idle_s` is
+    closed rather than reused: uvicorn closes a keep-alive connection idle for 5 s."""
 
-    def __init__(self, port: int, headers: dict[str, str]) -> None:
+    def __init__(self, port: int, headers: dict[str, str], *, max_idle_s: float = 3.0) -> None:
         self._port = port
         self._headers = headers
-        self._free: list[LeanHttp] = []
+        self._max_idle_s = max_idle_s
+        self._free: list[tuple[float, LeanHttp]] = []
         self._all: list[LeanHttp] = []
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[LeanHttp]:
         """A connection for one request (or a few in a row); dropped if the request failed."""
-        if self._free:
-            conn = self._free.pop()
-        else:
+        loop = asyncio.get_running_loop()
+        conn = None
+        while self._free and conn is None:
+            idle_since, conn = self._free.pop()
+            if loop.time() - idle_since > self._max_idle_s:
+                await self._drop(conn)
+                conn = None
+        if conn is None:
             conn = await LeanHttp(self._port, self._headers).__aenter__()
             self._all.append(conn)
         try:
             yield conn
         except BaseException:
-            self._all.remove(conn)
-            await conn.__aexit__()
+            await self._drop(conn)
             raise
-        self._free.append(conn)
+        self._free.append((loop.time(), conn))
+
+    async def _drop(self, conn: LeanHttp) -> None:
+        self._all.remove(conn)
+        await conn.__aexit__()
 
     async def close(self) -> None:
         """Close every connection."""
