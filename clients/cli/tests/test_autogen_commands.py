@@ -169,6 +169,10 @@ def test_send_with_wait_follows_to_success_and_types_params(api: FakeApi) -> Non
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["status"] == "succeeded"
+    # Each status check asks the API to answer when the command ends.
+    gets = [r for r in api.requests if r.method == "GET"]
+    assert len(gets) == 3
+    assert all(r.headers["Prefer"] == "wait=1" for r in gets)
     sent = api.bodies("POST /devices/AG10000/commands")
     assert sent == [
         {"action": "set_setting", "params": {"key": "telemetry_interval_s", "value": 60}}

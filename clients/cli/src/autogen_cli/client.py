@@ -205,9 +205,11 @@ class Client:
             "POST", f"devices/{_seg(device_id)}/commands", json=body, headers=headers
         )
 
-    def command(self, command_id: str) -> JSON:
-        """`GET /commands/{id}`."""
-        return self._object("GET", f"commands/{_seg(command_id)}")
+    def command(self, command_id: str, *, wait_s: int | None = None) -> JSON:
+        """`GET /commands/{id}`; with `wait_s`, `Prefer: wait=N`: the API answers when the
+        command has ended, or after that many seconds with its status then."""
+        headers = {"Prefer": f"wait={wait_s}"} if wait_s else None
+        return self._object("GET", f"commands/{_seg(command_id)}", headers=headers)
 
     # ------------------------------------------------------------------ firmware
 

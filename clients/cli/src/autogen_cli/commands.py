@@ -35,8 +35,16 @@ TimeoutOption = Annotated[
     ),
 ]
 IntervalOption = Annotated[
-    float, typer.Option("--interval", min=0.2, help="Seconds between status checks.")
+    float,
+    typer.Option(
+        "--interval",
+        min=0.2,
+        help="Longest time between status updates while waiting (at least 1 s against an API "
+        "that answers when the command ends; the final status shows at once).",
+    ),
 ]
+# The longest single wait asked of the API: well within the client's HTTP timeout.
+MAX_WAIT_S = 10
 
 
 def parse_params(pairs: list[str]) -> JSON:
@@ -134,17 +142,26 @@ def show(
 
 
 def _wait(api: Client, command_id: str, timeout_s: float, interval_s: float, fmt: Format) -> None:
-    """Poll until final or deadline, then print the command and exit with its outcome."""
+    """Follow until final or deadline, then print the command and exit with its outcome.
+
+    Each GET asks the API to answer when the command ends (`Prefer: wait`), so the outcome
+    shows at once and the spinner still gets the status in between. An API that answers at
+    once without a final status (one that does not honour the preference) is polled every
+    `interval_s` instead."""
     deadline = time.monotonic() + timeout_s
+    chunk_s = max(1, min(MAX_WAIT_S, int(interval_s)))
     try:
         with output.stderr().status(f"Command {command_id}: queued") as spinner:
             while True:
-                current = api.command(command_id)
+                left = deadline - time.monotonic()
+                asked = time.monotonic()
+                current = api.command(command_id, wait_s=min(chunk_s, max(1, int(left))))
                 status = str(current.get("status"))
                 spinner.update(f"Command {command_id}: {status}")
                 if status in FINAL or time.monotonic() >= deadline:
                     break
-                time.sleep(interval_s)
+                if time.monotonic() - asked < chunk_s / 2:  # it did not wait
+                    time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
     except KeyboardInterrupt:
         output.note(f"Stopped waiting; the command goes on: autogen commands wait {command_id}")
         raise typer.Exit(Exit.INTERRUPTED) from None
