@@ -1,9 +1,10 @@
-"""SIGKILL of the real commands process between accept and dispatch loses nothing.
+"""Stopping the real commands process: SIGKILL between accept and dispatch loses nothing;
+SIGTERM answers waiting GETs at once and stops.
 
-The service runs as `python -m commands serve` in a subprocess. The test holds the outbox
-relay's advisory lock, so accepted commands cannot be published: the process is killed with
-their dispatch events still in the outbox. After a restart every accepted command is
-dispatched exactly once and completes.
+The service runs as `python -m commands serve` in a subprocess. For the SIGKILL, the test holds
+the outbox relay's advisory lock, so accepted commands cannot be published: the process is
+killed with their dispatch events still in the outbox. After a restart every accepted command
+is dispatched exactly once and completes.
 """
 
 import asyncio
@@ -154,4 +155,66 @@ async def test_sigkill_between_accept_and_dispatch_loses_nothing(
                 await asyncio.sleep(0)
     finally:
         await holder.close()
+        await bus.stop()
+
+
+async def test_sigterm_answers_waiting_gets_at_once_and_stops(
+    stack: StackAddresses,
+    fresh_database: Migrate,
+    topics: list[str],
+    topic_prefix: str,
+    issuer: TestIssuer,
+) -> None:
+    url = await fresh_database("commands")
+    port = free_port()
+    bus = Bus(stack.kafka_bootstrap_servers, topic_prefix)
+    await bus.start()
+    device_id = new_id()
+    await bus.device_registered(device_id)
+    try:
+        with issuer.serve_jwks() as jwks_url:
+            env = {
+                **os.environ,
+                "COMMANDS_DATABASE_URL": url,
+                "COMMANDS_KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap_servers,
+                "COMMANDS_REDIS_URL": stack.redis_url,
+                "COMMANDS_KAFKA_TOPIC_PREFIX": topic_prefix,
+                "COMMANDS_HTTP_PORT": str(port),
+                "COMMANDS_JWKS_URL": jwks_url,
+                "COMMANDS_LOG_LEVEL": "WARNING",
+            }
+            base = f"http://127.0.0.1:{port}/api/v1"
+            async with (
+                commands_process(env, port) as proc,
+                httpx.AsyncClient(timeout=40) as client,
+            ):
+
+                async def known() -> bool:
+                    r = await client.get(
+                        f"{base}/devices/{device_id}/commands", headers=issuer.headers(ADMIN)
+                    )
+                    return r.status_code == 200
+
+                await eventually(known, deadline_s=30)
+                r = await client.post(
+                    f"{base}/devices/{device_id}/commands",
+                    json={"action": "reboot"},
+                    headers=issuer.headers(DEALER_1),
+                )
+                # No gateway here: the command stays queued, the GET waits its 30 s.
+                headers = {**issuer.headers(DEALER_1), "Prefer": "wait=30"}
+                waiting_get = asyncio.create_task(
+                    client.get(f"{base}/commands/{r.json()['id']}", headers=headers)
+                )
+                await asyncio.sleep(1)
+                assert not waiting_get.done()
+                proc.send_signal(signal.SIGTERM)
+                # Answered with what the command is, rather than held until the server's
+                # graceful-shutdown limit (10 s) cuts the connection.
+                answer = await asyncio.wait_for(waiting_get, 25)
+                assert answer.status_code == 200
+                assert answer.json()["status"] in {"queued", "sent"}
+                # Stopped (uvicorn raises the signal again after its graceful shutdown).
+                assert proc.wait(timeout=15) in {0, -signal.SIGTERM}
+    finally:
         await bus.stop()

@@ -63,3 +63,11 @@ async def test_an_unwoken_waiter_reads_again_after_the_recheck_interval() -> Non
     # Returned without a wake-up: the safety net, not the 60 s asked.
     assert not event.is_set()
     assert loop.time() - started < 60
+
+
+async def test_stopping_answers_every_waiter_and_no_one_waits_after() -> None:
+    waiters = waiting.Waiters()
+    with waiters.watching("c-1") as one:
+        waiters.stop()
+        assert one.is_set()
+    assert waiters.stopping

@@ -202,7 +202,11 @@ async def get_command(
             response.headers["Preference-Applied"] = f"wait={wait_s}"
             loop = asyncio.get_running_loop()
             deadline = loop.time() + wait_s
-            while view.row.status not in domain.TERMINAL and loop.time() < deadline:
+            while (
+                view.row.status not in domain.TERMINAL
+                and loop.time() < deadline
+                and not waiters.stopping
+            ):
                 await waiting.wait_for_change(changed, deadline - loop.time())
                 changed.clear()
                 view = await _visible_view(request, principal, command_id)

@@ -84,6 +84,7 @@ def create_app(
         try:
             async with infra.running():
                 stop = asyncio.Event()
+                unchain = waiting.answer_all_on_stop(waiters, asyncio.get_running_loop())
                 tasks = [
                     asyncio.create_task(
                         _every(settings.sweep_interval_s, stop, service.sweep), name="sweep"
@@ -101,6 +102,8 @@ def create_app(
                 try:
                     yield
                 finally:
+                    unchain()
+                    waiters.stop()
                     stop.set()
                     await asyncio.wait(tasks, timeout=10)
                     for task in tasks:

@@ -11,12 +11,21 @@ A waiter is woken, and reads the command again, when:
   `NOTIFY` on the outbox channel reaches the `CommitListener`, and every waiter here reads
   again, since the notification does not say which commands changed;
 - a second has passed without either (a lost notification, a listener reconnecting).
+
+When the process is told to stop (SIGTERM, SIGINT), every waiter answers at once with what the
+command is then (`answer_all_on_stop`): the server waits for open requests before it stops, and
+a waiter left to its N seconds would hold a rolling deploy up (or be cut off by the server's
+graceful-shutdown limit).
 """
 
 import asyncio
 import contextlib
+import signal
+import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from types import FrameType
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -42,6 +51,7 @@ class Waiters:
 
     def __init__(self) -> None:
         self._events: dict[str, set[asyncio.Event]] = {}
+        self.stopping = False  # the process is stopping: no one waits any more
         _registries.add(self)
 
     @contextlib.contextmanager
@@ -70,6 +80,11 @@ class Waiters:
             for event in events:
                 event.set()
 
+    def stop(self) -> None:
+        """Answer every waiter now, and let none wait from here on."""
+        self.stopping = True
+        self.changed_elsewhere()
+
     @property
     def waiting(self) -> int:
         """How many commands are waited on now."""
@@ -80,6 +95,36 @@ async def wait_for_change(event: asyncio.Event, seconds: float) -> None:
     """Until `event` is set or `seconds` (at most RECHECK_S) pass."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), min(seconds, RECHECK_S))
+
+
+def answer_all_on_stop(waiters: Waiters, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Chain a handler in front of SIGTERM's and SIGINT's (uvicorn's, which start its
+    shutdown) that stops `waiters` first; returns what puts the previous handlers back. Off
+    the main thread (an app run by a test client's thread) signals cannot be handled: nothing
+    is chained."""
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        # A signal handler runs between two bytecodes of the loop's thread: hand over.
+        loop.call_soon_threadsafe(waiters.stop)
+        before = previous[signal.Signals(signum)]
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            signal.default_int_handler(signum, frame)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.getsignal(signum)
+        signal.signal(signum, handle)
+
+    def restore() -> None:
+        for signum, before in previous.items():
+            if signal.getsignal(signum) is handle:
+                signal.signal(signum, before)
+
+    return restore
 
 
 async def follow_other_replicas(
