@@ -66,3 +66,32 @@ async def test_telemetry_of_devices_without_a_waiting_command_is_not_stored(api:
     # The Start's device ack then finds the run state already shown: succeeded at once.
     await api.bus.ack(start, "succeeded")
     await api.wait_status(start["id"], "succeeded")
+
+
+async def test_a_batch_locked_read_on_the_driver_holds_its_locks_until_the_commit(
+    api: Api,
+) -> None:
+    # `store.driver` must begin the session's transaction: SQLAlchemy sends BEGIN lazily, and a
+    # FOR UPDATE run outside it would release its lock at once (batches would interleave).
+    device_id = new_id()
+    await api.bus.device_registered(device_id)
+    await api.known(device_id)
+    cmd = (await api.send(device_id, {"action": "reboot"})).json()
+    sessions = _progress(api).sessions
+    async with sessions() as holder, holder.begin():
+        found = await store.locked_commands(await store.driver(holder), {cmd["id"]})
+        assert set(found) == {cmd["id"]}
+        async with sessions() as other, other.begin():
+            skipped = await other.execute(
+                select(store.commands.c.id)
+                .where(store.commands.c.id == cmd["id"])
+                .with_for_update(skip_locked=True)
+            )
+            assert skipped.all() == []  # still locked by the first transaction
+    async with sessions() as other, other.begin():
+        free = await other.execute(
+            select(store.commands.c.id)
+            .where(store.commands.c.id == cmd["id"])
+            .with_for_update(skip_locked=True)
+        )
+        assert free.scalars().all() == [cmd["id"]]

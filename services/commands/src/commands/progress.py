@@ -15,10 +15,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import sqlalchemy.exc
-from sqlalchemy import Row
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from commands import domain, store, transitions
@@ -85,7 +83,8 @@ class Progress:
         reports = [e.data for e in events]
         contexts = [traceparents.get(str(e.event_id)) for e in events]
         async with _batch(self.sessions) as session:
-            found = await store.commands_by_id(session, {r.command_id for r in reports})
+            on = await store.driver(session)
+            found = await store.locked_commands(on, {r.command_id for r in reports})
             cmds = {i: store.to_domain(row) for i, row in found.items()}
             # Read after the locks: a telemetry batch holding them has committed its run state.
             # Only a success that the device's own state must confirm needs it.
@@ -97,7 +96,7 @@ class Progress:
                 and r.command_id in cmds
                 and cmds[r.command_id].action in domain.CONFIRMED_BY_STATE
             }
-            states = await store.states_of(session, acking)
+            states = await store.device_states(on, acking)
             now = self.clock()
             writes = transitions.Writes()
             for report, record_context in zip(reports, contexts, strict=True):
@@ -114,7 +113,7 @@ class Progress:
                 with self.tracer.step(
                     f"command {report.kind} {report.status or report.phase}",
                     cmd.id,
-                    found[cmd.id].traceparent,
+                    found[cmd.id]["traceparent"],
                     record_context,
                 ):
                     moved = writes.apply(change, "device", now)
@@ -129,7 +128,8 @@ class Progress:
         if not statuses:
             return
         async with _batch(self.sessions) as session:
-            found = await store.commands_by_id(session, {s.command_id for s in statuses})
+            on = await store.driver(session)
+            found = await store.locked_commands(on, {s.command_id for s in statuses})
             cmds = {i: store.to_domain(row) for i, row in found.items()}
             now = self.clock()
             writes = transitions.Writes()
@@ -141,7 +141,7 @@ class Progress:
                 if change is None:
                     continue
                 with self.tracer.step(
-                    f"command gateway {status.status}", cmd.id, found[cmd.id].traceparent
+                    f"command gateway {status.status}", cmd.id, found[cmd.id]["traceparent"]
                 ):
                     moved = writes.apply(change, "gateway", now)
                 cmds[cmd.id] = moved or cmd
@@ -170,8 +170,8 @@ class Progress:
         if not seen:
             return
         async with _batch(self.sessions) as session:
-            rows = await store.active_for_devices(
-                session, {t.device_id for t in seen}, actions=RUN_STATE_ACTIONS
+            rows = await store.locked_active_for_devices(
+                await store.driver(session), {t.device_id for t in seen}, actions=RUN_STATE_ACTIONS
             )
             if not rows:
                 return
@@ -203,8 +203,8 @@ class Progress:
         await self._pace("presence")
         seen = [e.data for e in events]
         async with _batch(self.sessions) as session:
-            rows = await store.active_for_devices(
-                session, {p.device_id for p in seen}, actions=PRESENCE_ACTIONS
+            rows = await store.locked_active_for_devices(
+                await store.driver(session), {p.device_id for p in seen}, actions=PRESENCE_ACTIONS
             )
             if not rows:
                 return
@@ -267,15 +267,15 @@ class Progress:
             )
 
 
-async def _read(reads: AsyncEngine, ids: set[str]) -> dict[str, Row[Any]]:
+async def _read(reads: AsyncEngine, ids: set[str]) -> dict[str, store.Record]:
     try:
         async with reads.connect() as conn:
-            return await store.commands_by_id(conn, ids, lock=False)
+            return await store.read_commands(await store.driver(conn), ids)
     except sqlalchemy.exc.TimeoutError as exc:  # a full pool: wait and retry, as `_batch`
         raise TimeoutError(str(exc)) from exc
 
 
-def _by_device(rows: Sequence[Row[Any]]) -> dict[str, list[domain.Command]]:
+def _by_device(rows: Sequence[store.Record]) -> dict[str, list[domain.Command]]:
     waiting: dict[str, list[domain.Command]] = {}
     for row in rows:
         cmd = store.to_domain(row)
@@ -286,7 +286,7 @@ def _by_device(rows: Sequence[Row[Any]]) -> dict[str, list[domain.Command]]:
 
 
 def _on_report(
-    cmd: domain.Command, report: DeviceReport, state: Row[Any] | None
+    cmd: domain.Command, report: DeviceReport, state: store.Record | None
 ) -> domain.Change | None:
     at = report.received_at
     if report.kind == "ack" and report.status is not None:
@@ -295,10 +295,10 @@ def _on_report(
             report.status,
             report.detail,
             at,
-            run_state=state.run_state if state else None,
-            run_state_at=state.run_state_at if state else None,
-            fw=state.fw if state and state.online else None,
-            fw_at=state.presence_at if state else None,
+            run_state=state["run_state"] if state else None,
+            run_state_at=state["run_state_at"] if state else None,
+            fw=state["fw"] if state and state["online"] else None,
+            fw_at=state["presence_at"] if state else None,
         )
     if report.kind == "ota" and report.phase is not None:
         return domain.on_ota_phase(cmd, report.phase, report.progress_pct, report.detail, at)

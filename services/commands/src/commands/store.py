@@ -39,7 +39,11 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, aggregate_order_by, insert
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.selectable import TextualSelect
 
 from commands import domain
@@ -159,6 +163,180 @@ releases = Table(
 )
 
 Conn = AsyncSession | AsyncConnection
+# A stored row as the driver returns it (columns by name: `row["status"]`).
+Record = asyncpg.Record
+
+
+# ------------------------------------------------------------------ the driver connection
+
+# What asyncpg raises on a connection the server closed: 08 (connection exception), 57
+# (operator intervention: shutdown), a closed connection.
+_DISCONNECTED: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+)
+_DIALECT = PGDialect_asyncpg()  # type: ignore[no-untyped-call]
+# id(statement) -> (SQL, parameter names in order, their defaults, statement); the statement is
+# kept so its id is not reused. Statements are module constants or cached per shape.
+_COMPILED: dict[int, tuple[str, tuple[str, ...], dict[str, Any], ClauseElement]] = {}
+
+
+class Driver(NamedTuple):
+    """A session's asyncpg connection, in the session's transaction (if it has one)."""
+
+    conn: AsyncConnection
+    driver: asyncpg.Connection
+
+
+async def driver(source: AsyncSession | AsyncConnection, *, begin: bool = True) -> Driver:
+    """The pooled asyncpg connection under `source`, its transaction begun: statements run on
+    it belong to the session's transaction, which the session commits or rolls back as usual
+    (and its commit hooks run). On an autocommit engine there is no transaction to begin.
+
+    `begin=False` (a session that ran nothing yet): no BEGIN, each statement commits on its
+    own, and the session's commit sends nothing but still runs its hooks. For one statement
+    that is atomic by itself (the accept's INSERT) this saves BEGIN and COMMIT."""
+    conn = await source.connection() if isinstance(source, AsyncSession) else source
+    fairy = await conn.get_raw_connection()
+    # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before the first statement *it* runs;
+    # statements run on the driver itself would otherwise run outside the transaction (a
+    # FOR UPDATE lock released at once). `_start_transaction` is a no-op under autocommit.
+    adapted = cast(Any, fairy.dbapi_connection)
+    if begin and not adapted._started:
+        await adapted._start_transaction()
+    raw = fairy.driver_connection
+    if raw is None:  # only after close(), which is SQLAlchemy's to call
+        raise RuntimeError("a pooled connection without its driver connection")
+    return Driver(conn, cast(asyncpg.Connection, raw))
+
+
+def _sql(statement: ClauseElement) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    found = _COMPILED.get(id(statement))
+    if found is None or found[3] is not statement:
+        compiled = statement.compile(dialect=_DIALECT)
+        if not isinstance(compiled, SQLCompiler):
+            raise TypeError(f"not a SQL statement: {statement!r}")
+        sql = str(compiled)
+        if "POSTCOMPILE" in sql:
+            raise ValueError("expanding parameters cannot be compiled once; use = ANY(...)")
+        found = (sql, tuple(compiled.positiontup or ()), dict(compiled.params), statement)
+        _COMPILED[id(statement)] = found
+    return found[0], found[1], found[2]
+
+
+async def fetch(
+    on: Driver, statement: ClauseElement, params: Mapping[str, Any] | None = None
+) -> list[Record]:
+    """The rows of `statement` (its named parameters bound from `params`) run on the driver:
+    compiled once to `$n` SQL, prepared once per connection by asyncpg. No SQLAlchemy type
+    processing: values go and come as asyncpg (and the dialect's JSON codecs) have them."""
+    sql, names, defaults = _sql(statement)
+    given = params or {}
+    args = [given[name] if name in given else defaults[name] for name in names]
+    try:
+        return await on.driver.fetch(sql, *args)
+    except _DISCONNECTED as exc:
+        # As SQLAlchemy does for its own statements: drop the connection and the pool's others
+        # (they predate the drop), and raise what callers retry (503, re-read batch).
+        await on.conn.invalidate(exc)
+        await on.conn.engine.dispose(close=False)
+        raise OperationalError(sql, None, exc, connection_invalidated=True) from exc
+    except asyncpg.PostgresError as exc:
+        # SQLAlchemy's exceptions, as its own statements raise them (`orig` keeps the SQLSTATE):
+        # callers tell a key race (IntegrityError) and refused values (class 22) by them.
+        raise _wrapped(sql, exc) from exc
+
+
+def _wrapped(sql: str, exc: asyncpg.PostgresError) -> DBAPIError:
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return IntegrityError(sql, None, exc)
+    if isinstance(exc, asyncpg.DataError):
+        return DataError(sql, None, exc)
+    return DBAPIError(sql, None, exc)
+
+
+class Fetched:
+    """A stored row with its columns as attributes (`row.status`), like SQLAlchemy's rows."""
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: Record) -> None:
+        self._record = record
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._record[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _ids(name: str) -> Any:
+    # `= ANY($n)`: one prepared statement for any number of values.
+    return any_(bindparam(name, type_=ARRAY(String)))
+
+
+# In the partial indexes' own words, so the planner can use them.
+_IS_ACTIVE = text("commands.status IN ('queued', 'sent', 'acked')")
+assert set(domain.ACTIVE) == {"queued", "sent", "acked"}  # noqa: S101 - the literal above
+
+_BY_ID = select(commands).where(commands.c.id == _ids("ids")).order_by(commands.c.id)
+_BY_ID_LOCKED = _BY_ID.with_for_update()
+_STATES = select(device_state).where(device_state.c.device_id == _ids("device_ids"))
+_ACTIVE_FOR_DEVICES = (
+    select(commands)
+    .where(
+        commands.c.device_id == _ids("device_ids"), _IS_ACTIVE, commands.c.action == _ids("actions")
+    )
+    .order_by(commands.c.id)
+    .with_for_update()
+)
+_DEVICE = select(devices).where(devices.c.device_id == bindparam("device_id", type_=String))
+
+
+async def locked_commands(on: Driver, ids: Collection[str]) -> dict[str, Record]:
+    """The commands of `ids` that exist, locked in id order (every batch locks in that order,
+    so concurrent batches cannot deadlock)."""
+    if not ids:
+        return {}
+    rows = await fetch(on, _BY_ID_LOCKED, {"ids": sorted(ids)})
+    return {row["id"]: row for row in rows}
+
+
+async def read_commands(on: Driver, ids: Collection[str]) -> dict[str, Record]:
+    """The commands of `ids` that exist, unlocked."""
+    if not ids:
+        return {}
+    return {row["id"]: row for row in await fetch(on, _BY_ID, {"ids": sorted(ids)})}
+
+
+async def device_states(on: Driver, device_ids: Collection[str]) -> dict[str, Record]:
+    """The last presence and run state of each of `device_ids` that has one."""
+    if not device_ids:
+        return {}
+    rows = await fetch(on, _STATES, {"device_ids": list(device_ids)})
+    return {row["device_id"]: row for row in rows}
+
+
+async def locked_active_for_devices(
+    on: Driver, device_ids: Collection[str], *, actions: Sequence[str]
+) -> list[Record]:
+    """The active commands of `actions` on any of `device_ids`, locked in id order."""
+    if not device_ids:
+        return []
+    return await fetch(
+        on, _ACTIVE_FOR_DEVICES, {"device_ids": sorted(device_ids), "actions": list(actions)}
+    )
+
+
+async def device_of(on: Driver, device_id: str) -> domain.Device | None:
+    """The device's ownership snapshot (None if unknown or deleted), unlocked."""
+    rows = await fetch(on, _DEVICE, {"device_id": device_id})
+    if not rows or rows[0]["deleted"]:
+        return None
+    return _device(device_id, Fetched(rows[0]))
 
 
 # ------------------------------------------------------------------ projections
@@ -175,7 +353,7 @@ async def get_device(conn: Conn, device_id: str, *, lock: bool = False) -> domai
     return _device(row.device_id, row)
 
 
-def _device(device_id: str, row: Row[Any]) -> domain.Device:
+def _device(device_id: str, row: Row[Any] | Fetched) -> domain.Device:
     return domain.Device(
         device_id=device_id,
         dealer_id=row.dealer_id,
@@ -301,23 +479,24 @@ async def record_run_states(conn: Conn, latest: Mapping[str, tuple[str, datetime
 # ------------------------------------------------------------------ commands
 
 
-def to_domain(row: Row[Any]) -> domain.Command:
-    """The lifecycle's view of a stored command."""
+def to_domain(row: Row[Any] | Record) -> domain.Command:
+    """The lifecycle's view of a stored command (a SQLAlchemy row or the driver's record)."""
+    m: Any = row._mapping if isinstance(row, Row) else row
     return domain.Command(
-        id=row.id,
-        device_id=row.device_id,
-        action=row.action,
-        status=row.status,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        detail=row.detail,
-        device_result=row.device_result,
-        device_result_at=row.device_result_at,
-        ota_version=row.ota_version,
-        ota_phase=row.ota_phase,
-        ota_progress=row.ota_progress,
-        acked_at=row.acked_at,
-        correlation=dict(row.correlation or {}),
+        id=m["id"],
+        device_id=m["device_id"],
+        action=m["action"],
+        status=m["status"],
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        detail=m["detail"],
+        device_result=m["device_result"],
+        device_result_at=m["device_result_at"],
+        ota_version=m["ota_version"],
+        ota_phase=m["ota_phase"],
+        ota_progress=m["ota_progress"],
+        acked_at=m["acked_at"],
+        correlation=dict(m["correlation"] or {}),
     )
 
 
@@ -457,13 +636,13 @@ def new_command(values: Mapping[str, Any]) -> domain.Command:
 
 
 async def write(
-    conn: Conn,
+    on: Driver,
     changed: Sequence[tuple[domain.Command, datetime]],
     steps: Sequence[TransitionRow],
     events: StagedInsert | None,
     *,
     insert: Mapping[str, Any] | None = None,
-) -> Row[Any] | None:
+) -> Fetched | None:
     """Write the lifecycle fields of each changed command (each at most once, stamped with its
     time), the transitions in this order and the events, in one statement (one round trip);
     with `insert`, a new command too (its transitions may name it: foreign keys are checked at
@@ -506,9 +685,10 @@ async def write(
         ctes.extend(events.ctes)
         params.update(events.params)
     if insert is not None:
-        return (await conn.execute(_returning_new(tuple(ctes)), params)).one()
+        (row,) = await fetch(on, _returning_new(tuple(ctes)), params)
+        return Fetched(row)
     if ctes:
-        await conn.execute(statement(ctes), params)
+        await fetch(on, statement(ctes), params)
     return None
 
 

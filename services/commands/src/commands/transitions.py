@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import Row, event
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -100,17 +100,27 @@ class Writes:
         self._events.append(outbox_event(topic, evt))
 
     async def flush(
-        self, session: AsyncSession, *, insert: Mapping[str, Any] | None = None
-    ) -> Row[Any] | None:
+        self,
+        session: AsyncSession,
+        *,
+        insert: Mapping[str, Any] | None = None,
+        begin: bool = True,
+    ) -> store.Fetched | None:
         """Write what was staged, in the caller's transaction; counted once it commits. With
         `insert`, the values of a new command the staged steps are about: inserted in the same
-        statement, its row returned."""
+        statement, its row returned. `begin=False`: the session has no transaction on purpose
+        (`store.driver`), the one statement commits on its own, still counted by the session's
+        commit."""
         rows, self._rows = self._rows, {}
         steps, self._transitions = self._transitions, []
         events, self._events = self._events, []
         moves, self._moves = self._moves, []
+        if insert is None and not (rows or steps or events):
+            return None
         staged = staged_insert(session, store.outbox, events) if events else None
-        row = await store.write(session, list(rows.values()), steps, staged, insert=insert)
+        # On the session's driver connection, in its transaction (`store.driver`).
+        on = await store.driver(session, begin=begin)
+        row = await store.write(on, list(rows.values()), steps, staged, insert=insert)
         session.info.setdefault(_MOVES, []).extend(moves)
         session.info.setdefault(_CHANGED, set()).update(rows)
         return row
