@@ -417,8 +417,8 @@ def cpu_since(before: dict[int, float], pids: list[int]) -> float:
 def machine_busy_s() -> "Busy":
     """Busy and total CPU time of the whole machine so far (Linux /proc/stat)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return Busy(sum(fields) - idle, sum(fields))
+    idle, steal = fields[3] + fields[4], fields[7]  # idle + iowait; what the hypervisor took
+    return Busy(sum(fields) - idle - steal, sum(fields), steal)
 
 
 @dataclass(frozen=True)
@@ -427,13 +427,15 @@ class Busy:
 
     busy: int
     total: int
+    steal: int
 
     def __sub__(self, other: "Busy") -> "Busy":
-        return Busy(self.busy - other.busy, self.total - other.total)
+        return Busy(self.busy - other.busy, self.total - other.total, self.steal - other.steal)
 
-    def cores(self) -> float:
-        """How many cores were busy on average."""
-        return self.busy / self.total * (os.cpu_count() or 1) if self.total else float("nan")
+    def cores(self, ticks: int | None = None) -> float:
+        """How many cores were busy (or, given `ticks`, spent on those) on average."""
+        spent = self.busy if ticks is None else ticks
+        return spent / self.total * (os.cpu_count() or 1) if self.total else float("nan")
 
 
 def cpu_s(pid: int) -> float:
@@ -626,7 +628,8 @@ async def main() -> int:  # noqa: PLR0915 - one bounded run, start to cleanup
                         print(
                             f"  machine: {busy.cores():.2f} of {os.cpu_count()} cores busy "
                             "over the phase (every process: the stack, the services, the "
-                            "simulator and this client)",
+                            f"simulator and this client), {busy.cores(busy.steal):.2f} taken "
+                            "by the hypervisor (steal)",
                             flush=True,
                         )
                         sent = int(args.rate * args.seconds)
