@@ -32,6 +32,23 @@ pytestmark = pytest.mark.stack
 COMMANDS = 12
 
 
+def process_env(
+    stack: StackAddresses, url: str, topic_prefix: str, port: int, jwks_url: str
+) -> dict[str, str]:
+    """The environment of a `python -m commands serve` on this stack, its own database and
+    port, trusting the test issuer's keys."""
+    return {
+        **os.environ,
+        "COMMANDS_DATABASE_URL": url,
+        "COMMANDS_KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap_servers,
+        "COMMANDS_REDIS_URL": stack.redis_url,
+        "COMMANDS_KAFKA_TOPIC_PREFIX": topic_prefix,
+        "COMMANDS_HTTP_PORT": str(port),
+        "COMMANDS_JWKS_URL": jwks_url,
+        "COMMANDS_LOG_LEVEL": "WARNING",
+    }
+
+
 @asynccontextmanager
 async def commands_process(
     env: dict[str, str], port: int
@@ -83,17 +100,8 @@ async def test_sigkill_between_accept_and_dispatch_loses_nothing(
     holder = await asyncpg.connect(plain_url)
     try:
         with issuer.serve_jwks() as jwks_url:
-            env = {
-                **os.environ,
-                "COMMANDS_DATABASE_URL": url,
-                "COMMANDS_KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap_servers,
-                "COMMANDS_REDIS_URL": stack.redis_url,
-                "COMMANDS_KAFKA_TOPIC_PREFIX": topic_prefix,
-                "COMMANDS_HTTP_PORT": str(port),
-                "COMMANDS_JWKS_URL": jwks_url,
-                "COMMANDS_LOG_LEVEL": "WARNING",
-                "COMMANDS_OUTBOX_POLL_INTERVAL_S": "0.05",
-            }
+            env = process_env(stack, url, topic_prefix, port, jwks_url)
+            env["COMMANDS_OUTBOX_POLL_INTERVAL_S"] = "0.05"
             base = f"http://127.0.0.1:{port}/api/v1"
             accepted: list[str] = []
             async with commands_process(env, port) as proc, httpx.AsyncClient() as client:
@@ -173,16 +181,7 @@ async def test_sigterm_answers_waiting_gets_at_once_and_stops(
     await bus.device_registered(device_id)
     try:
         with issuer.serve_jwks() as jwks_url:
-            env = {
-                **os.environ,
-                "COMMANDS_DATABASE_URL": url,
-                "COMMANDS_KAFKA_BOOTSTRAP_SERVERS": stack.kafka_bootstrap_servers,
-                "COMMANDS_REDIS_URL": stack.redis_url,
-                "COMMANDS_KAFKA_TOPIC_PREFIX": topic_prefix,
-                "COMMANDS_HTTP_PORT": str(port),
-                "COMMANDS_JWKS_URL": jwks_url,
-                "COMMANDS_LOG_LEVEL": "WARNING",
-            }
+            env = process_env(stack, url, topic_prefix, port, jwks_url)
             base = f"http://127.0.0.1:{port}/api/v1"
             async with (
                 commands_process(env, port) as proc,
