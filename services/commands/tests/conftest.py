@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from commands.app import create_app
-from commands.testing import TOPICS, Api, Bus, settings_for
+from commands.testing import TOPICS, Api, Bus, new_id, settings_for
 from common.testing.auth import TestIssuer
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
@@ -45,3 +45,12 @@ async def api(
                 yield Api(client, issuer, bus, app)
     finally:
         await bus.stop()
+
+
+@pytest.fixture
+async def device_id(api: Api) -> str:
+    """A D100 of dealer-1 that the service's projection knows."""
+    found = new_id()
+    await api.bus.device_registered(found, dealer_id="dealer-1", model="D100")
+    await api.known(found)
+    return found

@@ -9,14 +9,6 @@ from common.auth import Principal
 pytestmark = pytest.mark.stack
 
 
-@pytest.fixture
-async def device_id(api: Api) -> str:
-    found = new_id()
-    await api.bus.device_registered(found, dealer_id="dealer-1", model="D100")
-    await api.known(found)
-    return found
-
-
 async def test_read_token_gets_403_and_nothing_is_queued(api: Api, device_id: str) -> None:
     response = await api.send(device_id, {"action": "reboot"}, principal=READER_1)
     assert response.status_code == 403

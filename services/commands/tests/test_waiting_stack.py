@@ -15,14 +15,6 @@ from common.outbox import notify_channel
 pytestmark = pytest.mark.stack
 
 
-@pytest.fixture
-async def device_id(api: Api) -> str:
-    found = new_id()
-    await api.bus.device_registered(found, dealer_id="dealer-1", model="D100")
-    await api.known(found)
-    return found
-
-
 async def test_a_waiting_get_answers_when_the_command_ends(
     api: Api, device_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
