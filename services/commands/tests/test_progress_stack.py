@@ -1,6 +1,8 @@
 """Batches as the consumers hand them over (real PostgreSQL): several records about one command
-in one batch apply in order; telemetry of devices with nothing waiting stores nothing."""
+in one batch apply in order; a batch written without a lock never overwrites a command written
+meanwhile; telemetry of devices with nothing waiting stores nothing."""
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -8,8 +10,9 @@ import pytest
 from sqlalchemy import func, select
 
 from commands import store
-from commands.progress import Progress
-from commands.testing import Api, new_id
+from commands.progress import UNLOCKED_REPORT_WRITES, Progress
+from commands.testing import Api, eventually, new_id
+from common.contracts.commands import STATUS
 from common.contracts.device import DeviceReport, DeviceTelemetry
 from common.events import Envelope, new_event
 
@@ -41,6 +44,78 @@ async def test_accepted_and_succeeded_in_one_batch_end_succeeded_in_order(api: A
     done = await api.get(cmd["id"])
     assert done["status"] == "succeeded"
     assert [h["status"] for h in done["history"]] == ["queued", "acked", "succeeded"]
+
+
+def _report(cmd: dict[str, Any], status: str) -> Envelope[Any]:
+    data = DeviceReport(
+        device_id=cmd["device_id"],
+        received_at=datetime.now(UTC),
+        kind="ack",
+        command_id=cmd["id"],
+        status=status,
+    )
+    return _envelope(data)
+
+
+def _unlocked(outcome: str) -> float:
+    return UNLOCKED_REPORT_WRITES.labels(outcome)._value.get()
+
+
+async def test_a_one_command_batch_is_written_without_a_lock(api: Api) -> None:
+    device_id = new_id()
+    await api.bus.device_registered(device_id)
+    await api.known(device_id)
+    body = {"action": "set_setting", "params": {"key": "cooldown_s", "value": 30}}
+    cmd = (await api.send(device_id, body)).json()
+    written = _unlocked("written")
+    await _progress(api).apply_reports([_report(cmd, "accepted")])
+    await _progress(api).apply_reports([_report(cmd, "succeeded")])
+    assert _unlocked("written") == written + 2
+    done = await api.get(cmd["id"])
+    assert [h["status"] for h in done["history"]] == ["queued", "acked", "succeeded"]
+    # Its status events went through the outbox with the rows: the relay publishes them.
+    async def all_published() -> bool:
+        return len(api.bus.statuses_of(cmd["id"])) == 3
+
+    await eventually(all_published)
+    assert api.bus.statuses_of(cmd["id"]) == ["queued", "acked", "succeeded"]
+
+
+async def test_an_unlocked_batch_never_overwrites_a_command_written_since_its_read(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device_id = new_id()
+    await api.bus.device_registered(device_id)
+    await api.known(device_id)
+    cmd = (await api.send(device_id, {"action": "reboot"})).json()
+    batches = _progress(api)
+    read = store.read_commands
+
+    async def read_then_another_batch_fails_it(on: store.Driver, ids: Any) -> Any:
+        found = await read(on, ids)  # the command as it was: queued
+        monkeypatch.setattr(store, "read_commands", read)
+        await batches.apply_reports([_report(cmd, "failed")])  # meanwhile: failed, its end
+        return found
+
+    monkeypatch.setattr(store, "read_commands", read_then_another_batch_fails_it)
+    conflicts = _unlocked("conflict")
+    # Read as queued, a success would have moved it: the guard refuses, the locked path
+    # re-reads it failed and leaves it so.
+    await batches.apply_reports([_report(cmd, "succeeded")])
+    assert _unlocked("conflict") == conflicts + 1
+    done = await api.get(cmd["id"])
+    assert done["status"] == "failed"
+    assert [h["status"] for h in done["history"]] == ["queued", "failed"]
+    async with batches.sessions() as session:
+        events = (
+            await session.execute(
+                select(store.outbox.c.payload)
+                .where(store.outbox.c.key == device_id, store.outbox.c.topic == STATUS.name)
+                .order_by(store.outbox.c.id)
+            )
+        ).scalars()
+        statuses = [json.loads(e)["data"]["status"] for e in events]
+    assert statuses == ["queued", "failed"]  # the refused write's `succeeded`: not written
 
 
 async def test_telemetry_of_devices_without_a_waiting_command_is_not_stored(api: Api) -> None:

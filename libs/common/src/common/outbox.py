@@ -149,12 +149,20 @@ class StagedInsert:
 
 
 def staged_insert(
-    session: AsyncSession | AsyncConnection, outbox: Table, events: Sequence[OutboxEvent]
+    session: AsyncSession | AsyncConnection,
+    outbox: Table,
+    events: Sequence[OutboxEvent],
+    *,
+    owned: tuple[str, Sequence[str]] | None = None,
 ) -> StagedInsert:
     """`events` as WITH parts (data-modifying CTEs run once, whether read or not) with the
     transaction's NOTIFY if the table wakes relays; parameter names start with `outbox_`.
     Arrays, not a VALUES row each: one prepared statement whatever the count; identity ids
-    follow the order of the arrays."""
+    follow the order of the arrays.
+
+    `owned` (a CTE of the same statement with an `id` column, and each event's owner id): only
+    the events whose owner that CTE returns are inserted, e.g. those of the rows an UPDATE
+    guarded by a version did write."""
     params: dict[str, Any] = {
         "outbox_event_ids": [e.event_id for e in events],
         "outbox_topics": [e.topic for e in events],
@@ -162,12 +170,19 @@ def staged_insert(
         "outbox_payloads": [e.payload for e in events],
         "outbox_headers": [e.headers for e in events],
     }
+    if owned is not None:
+        params["outbox_owners"] = list(owned[1])
+        if len(params["outbox_owners"]) != len(events):
+            raise ValueError("one owner per event")
     notify = _notify_payload(session, outbox)
     if notify is not None:
         # Queued by PostgreSQL until the commit, dropped by a rollback: exactly "events
         # committed".
         params.update(outbox_channel=notify_channel(outbox), outbox_notify=notify)
-    return StagedInsert(_insert_ctes(outbox.fullname, notify=notify is not None), params)
+    ctes = _insert_ctes(
+        outbox.fullname, notify=notify is not None, owners_in=owned[0] if owned else None
+    )
+    return StagedInsert(ctes, params)
 
 
 def _notify_payload(session: AsyncSession | AsyncConnection, outbox: Table) -> str | None:
@@ -198,15 +213,20 @@ def _statement(ctes: tuple[str, ...], main: str) -> TextClause:
 
 
 @functools.cache
-def _insert_ctes(table: str, *, notify: bool) -> tuple[str, ...]:
+def _insert_ctes(table: str, *, notify: bool, owners_in: str | None = None) -> tuple[str, ...]:
+    # Names of ours only (the table, a CTE of the caller's statement), never values.
+    owner_array, owner_column, only_owned = "", "", ""
+    if owners_in:
+        owner_array, owner_column = ", CAST(:outbox_owners AS varchar[])", ", owner"
+        only_owned = f" WHERE e.owner IN (SELECT id FROM {owners_in})"  # noqa: S608
     insert = (
-        f"outbox_staged AS (INSERT INTO {table} (event_id, topic, key, payload, headers) "  # noqa: S608 - a table name of ours
+        f"outbox_staged AS (INSERT INTO {table} (event_id, topic, key, payload, headers) "  # noqa: S608
         "SELECT e.event_id, e.topic, e.key, e.payload, e.headers::jsonb "
         "FROM unnest(CAST(:outbox_event_ids AS uuid[]), CAST(:outbox_topics AS varchar[]), "
         "CAST(:outbox_keys AS varchar[]), CAST(:outbox_payloads AS bytea[]), "
-        "CAST(:outbox_headers AS text[])) "
-        "WITH ORDINALITY AS e(event_id, topic, key, payload, headers, n)"
-        f"{', outbox_wake' if notify else ''} ORDER BY e.n)"
+        f"CAST(:outbox_headers AS text[]){owner_array}) "
+        f"WITH ORDINALITY AS e(event_id, topic, key, payload, headers{owner_column}, n)"
+        f"{', outbox_wake' if notify else ''}{only_owned} ORDER BY e.n)"
     )
     if not notify:
         return (insert,)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Identity,
     Index,
+    Integer,
     MetaData,
     Row,
     Select,
@@ -85,6 +86,8 @@ commands = Table(
     Column("ota_progress", Float, nullable=True),
     # W3C `traceparent` of the accept: the command's later steps join the trace it started.
     Column("traceparent", String(64), nullable=True),
+    # Bumped by every write of the row: an unlocked read's write is guarded by it (`write`).
+    Column("row_version", Integer, nullable=False, server_default=text("0")),
     Index("ix_commands_device_created", "device_id", "created_at", "id"),
     Index(
         "ix_commands_active_expiry",
@@ -587,34 +590,43 @@ class TransitionRow(NamedTuple):
 
 
 # Arrays, not a VALUES row each: one prepared statement whatever the number of rows.
-_SAVE_ALL = (
-    "saved AS (UPDATE commands AS c SET status = v.status, detail = v.detail,"
+_SAVE_SET = (
+    "UPDATE commands AS c SET status = v.status, detail = v.detail,"
     " device_result = v.device_result, device_result_at = v.device_result_at,"
     " acked_at = v.acked_at, ota_phase = v.ota_phase, ota_progress = v.ota_progress,"
-    " updated_at = v.updated_at"
+    " updated_at = v.updated_at, row_version = c.row_version + 1"
     " FROM unnest(CAST(:row_ids AS varchar[]), CAST(:row_statuses AS varchar[]),"
     " CAST(:row_details AS text[]), CAST(:row_device_results AS varchar[]),"
     " CAST(:row_device_result_ats AS timestamptz[]), CAST(:row_acked_ats AS timestamptz[]),"
     " CAST(:row_ota_phases AS varchar[]), CAST(:row_ota_progresses AS float8[]),"
-    " CAST(:row_updated_ats AS timestamptz[]))"
+    " CAST(:row_updated_ats AS timestamptz[]), CAST(:row_versions AS int[]))"
     " AS v(id, status, detail, device_result, device_result_at, acked_at, ota_phase,"
-    " ota_progress, updated_at)"
-    " WHERE c.id = v.id)"
+    " ota_progress, updated_at, row_version)"
+    " WHERE c.id = v.id"
 )
-_ADD_TRANSITIONS = (
-    "steps AS (INSERT INTO command_transitions (command_id, status, detail, reporter, at)"
+_SAVE_ALL = f"saved AS ({_SAVE_SET} RETURNING c.id)"
+# Only rows nobody wrote since they were read (unlocked): their versions are the ones read.
+_SAVE_UNCHANGED = f"saved AS ({_SAVE_SET} AND c.row_version = v.row_version RETURNING c.id)"
+_STEPS = (
+    "INSERT INTO command_transitions (command_id, status, detail, reporter, at)"
     " SELECT t.command_id, t.status, t.detail, t.reporter, t.at"
     " FROM unnest(CAST(:step_command_ids AS varchar[]), CAST(:step_statuses AS varchar[]),"
     " CAST(:step_details AS text[]), CAST(:step_reporters AS varchar[]),"
     " CAST(:step_ats AS timestamptz[]))"
     " WITH ORDINALITY AS t(command_id, status, detail, reporter, at, n)"
-    " ORDER BY t.n)"  # ids in the order given: the history's order
+)
+_ORDERED = " ORDER BY t.n)"  # ids in the order given: the history's order
+_ADD_TRANSITIONS = f"steps AS ({_STEPS}{_ORDERED}"
+# The transitions of the rows `saved` wrote, no others.
+_ADD_SAVED_TRANSITIONS = (
+    f"steps AS ({_STEPS} WHERE t.command_id IN (SELECT id FROM saved){_ORDERED}"  # noqa: S608
 )
 
 
+_INSERTED_COLUMNS = tuple(c for c in commands.c if c.name != "row_version")  # its default: 0
 _INSERT_COMMAND = (  # the table's own column names, nothing from outside
-    f"new_command AS (INSERT INTO commands ({', '.join(c.name for c in commands.c)})"  # noqa: S608
-    f" VALUES ({', '.join(f':cmd_{c.name}' for c in commands.c)}) RETURNING *)"
+    f"new_command AS (INSERT INTO commands ({', '.join(c.name for c in _INSERTED_COLUMNS)})"  # noqa: S608
+    f" VALUES ({', '.join(f':cmd_{c.name}' for c in _INSERTED_COLUMNS)}) RETURNING *)"
 )
 _JSON_COLUMNS = frozenset(c.name for c in commands.c if isinstance(c.type, JSONB))
 _INSERTED: dict[tuple[str, ...], TextualSelect] = {}
@@ -647,20 +659,56 @@ async def write(
     time), the transitions in this order and the events, in one statement (one round trip);
     with `insert`, a new command too (its transitions may name it: foreign keys are checked at
     the end of the statement), whose row as stored is returned."""
-    ctes: list[str] = []
-    params: dict[str, Any] = {}
+    ctes, params = _writes(changed, steps, events, guarded=False)
     if insert is not None:
-        ctes.append(_INSERT_COMMAND)
+        ctes.insert(0, _INSERT_COMMAND)
         params.update(
             {
                 f"cmd_{c.name}": _json(insert.get(c.name, {}))
                 if c.name in _JSON_COLUMNS
                 else insert.get(c.name)
-                for c in commands.c
+                for c in _INSERTED_COLUMNS
             }
         )
+        (row,) = await fetch(on, _returning_new(tuple(ctes)), params)
+        return Fetched(row)
+    if ctes:
+        await fetch(on, statement(ctes), params)
+    return None
+
+
+async def write_unchanged(
+    on: Driver,
+    changed: Sequence[tuple[domain.Command, datetime]],
+    steps: Sequence[TransitionRow],
+    events: StagedInsert | None,
+    read_versions: Mapping[str, int],
+) -> set[str]:
+    """As `write`, for commands read without a lock (`read_versions`: id → `row_version` as
+    read): only those still at that version are written, with their transitions and the events
+    staged as theirs (see `outbox.staged_insert`'s `owners`); returns the ids written.
+
+    The UPDATE takes the row locks itself, in no set order: give one command only, or it could
+    deadlock with a batch locking several in id order."""
+    if not changed:
+        return set()
+    ctes, params = _writes(changed, steps, events, guarded=True)
+    params["row_versions"] = [read_versions[c.id] for c, _ in changed]
+    rows = await fetch(on, statement(ctes, "SELECT id FROM saved"), params)
+    return {row["id"] for row in rows}
+
+
+def _writes(
+    changed: Sequence[tuple[domain.Command, datetime]],
+    steps: Sequence[TransitionRow],
+    events: StagedInsert | None,
+    *,
+    guarded: bool,
+) -> tuple[list[str], dict[str, Any]]:
+    ctes: list[str] = []
+    params: dict[str, Any] = {}
     if changed:
-        ctes.append(_SAVE_ALL)
+        ctes.append(_SAVE_UNCHANGED if guarded else _SAVE_ALL)
         params.update(
             row_ids=[c.id for c, _ in changed],
             row_statuses=[c.status for c, _ in changed],
@@ -671,9 +719,10 @@ async def write(
             row_ota_phases=[c.ota_phase for c, _ in changed],
             row_ota_progresses=[c.ota_progress for c, _ in changed],
             row_updated_ats=[at for _, at in changed],
+            row_versions=[None] * len(changed),
         )
     if steps:
-        ctes.append(_ADD_TRANSITIONS)
+        ctes.append(_ADD_SAVED_TRANSITIONS if guarded else _ADD_TRANSITIONS)
         params.update(
             step_command_ids=[t.command_id for t in steps],
             step_statuses=[t.status for t in steps],
@@ -684,12 +733,7 @@ async def write(
     if events is not None:
         ctes.extend(events.ctes)
         params.update(events.params)
-    if insert is not None:
-        (row,) = await fetch(on, _returning_new(tuple(ctes)), params)
-        return Fetched(row)
-    if ctes:
-        await fetch(on, statement(ctes), params)
-    return None
+    return ctes, params
 
 
 def _returning_new(ctes: tuple[str, ...]) -> TextualSelect:

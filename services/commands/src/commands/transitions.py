@@ -2,10 +2,10 @@
 events through the outbox, all in the caller's transaction; counted once the transaction commits.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client import Counter, Gauge
 from sqlalchemy import event
@@ -63,7 +63,8 @@ class Writes:
     _rows: dict[str, tuple[domain.Command, datetime]] = field(default_factory=dict)
     _transitions: list[store.TransitionRow] = field(default_factory=list)
     _events: list[OutboxEvent] = field(default_factory=list)
-    _moves: list[tuple[str, str]] = field(default_factory=list)
+    _owners: list[str | None] = field(default_factory=list)  # the command of each event
+    _moves: list[tuple[str, str, str]] = field(default_factory=list)  # id, action, status
 
     def apply(self, change: domain.Change | None, by: str, now: datetime) -> domain.Command | None:
         """Stage `change` (a transition too if the status moved); returns the new command."""
@@ -92,12 +93,13 @@ class Writes:
         evt = new_event(
             type=contract.STATUS.event_type, data=status, source=SOURCE, key=cmd.device_id
         )
-        self.event(contract.STATUS, evt)
-        self._moves.append((cmd.action, cmd.status))
+        self.event(contract.STATUS, evt, of=cmd.id)
+        self._moves.append((cmd.id, cmd.action, cmd.status))
 
-    def event(self, topic: Topic[DataT], evt: Envelope[DataT]) -> None:
-        """Stage another event (in order with the status events)."""
+    def event(self, topic: Topic[DataT], evt: Envelope[DataT], *, of: str | None = None) -> None:
+        """Stage another event (in order with the status events), of command `of`."""
         self._events.append(outbox_event(topic, evt))
+        self._owners.append(of)
 
     async def flush(
         self,
@@ -111,16 +113,57 @@ class Writes:
         statement, its row returned. `begin=False`: the session has no transaction on purpose
         (`store.driver`), the one statement commits on its own, still counted by the session's
         commit."""
-        rows, self._rows = self._rows, {}
-        steps, self._transitions = self._transitions, []
-        events, self._events = self._events, []
-        moves, self._moves = self._moves, []
-        if insert is None and not (rows or steps or events):
+        staged = self._take()
+        if insert is None and not (staged.rows or staged.steps or staged.events):
             return None
-        staged = staged_insert(session, store.outbox, events) if events else None
+        events = staged_insert(session, store.outbox, staged.events) if staged.events else None
         # On the session's driver connection, in its transaction (`store.driver`).
         on = await store.driver(session, begin=begin)
-        row = await store.write(on, list(rows.values()), steps, staged, insert=insert)
-        session.info.setdefault(_MOVES, []).extend(moves)
-        session.info.setdefault(_CHANGED, set()).update(rows)
+        row = await store.write(on, list(staged.rows.values()), staged.steps, events, insert=insert)
+        _on_commit(session, staged.moves, staged.rows)
         return row
+
+    async def flush_unchanged(
+        self, session: AsyncSession, read_versions: Mapping[str, int]
+    ) -> set[str]:
+        """Write what was staged for commands read without a lock, without a transaction (one
+        statement, see `store.write_unchanged`: one command at a time), only if no one wrote
+        them since they were read (`read_versions`); returns the ids that were not written."""
+        staged = self._take()
+        if not staged.rows:
+            return set()
+        owners = [owner for owner in staged.owners if owner is not None]
+        if len(owners) != len(staged.events):
+            raise ValueError("every event of an unlocked write must be of a command")
+        events = (
+            staged_insert(session, store.outbox, staged.events, owned=("saved", owners))
+            if staged.events
+            else None
+        )
+        on = await store.driver(session, begin=False)
+        rows = list(staged.rows.values())
+        saved = await store.write_unchanged(on, rows, staged.steps, events, read_versions)
+        moves = [move for move in staged.moves if move[0] in saved]
+        _on_commit(session, moves, saved)
+        return set(staged.rows) - saved
+
+    def _take(self) -> "_Staged":
+        staged = _Staged(self._rows, self._transitions, self._events, self._owners, self._moves)
+        self._rows, self._transitions, self._events, self._owners, self._moves = {}, [], [], [], []
+        return staged
+
+
+class _Staged(NamedTuple):
+    rows: dict[str, tuple[domain.Command, datetime]]
+    steps: list[store.TransitionRow]
+    events: list[OutboxEvent]
+    owners: list[str | None]
+    moves: list[tuple[str, str, str]]
+
+
+def _on_commit(
+    session: AsyncSession, moves: list[tuple[str, str, str]], ids: Iterable[str]
+) -> None:
+    """Count the moves and wake the commands' waiting readers once the session commits."""
+    session.info.setdefault(_MOVES, []).extend((action, status) for _, action, status in moves)
+    session.info.setdefault(_CHANGED, set()).update(ids)
