@@ -58,7 +58,7 @@ def _report(cmd: dict[str, Any], status: str) -> Envelope[Any]:
 
 
 def _unlocked(outcome: str) -> float:
-    return UNLOCKED_REPORT_WRITES.labels(outcome)._value.get()
+    return float(UNLOCKED_REPORT_WRITES.labels(outcome)._value.get())
 
 
 async def test_a_one_command_batch_is_written_without_a_lock(api: Api) -> None:
@@ -73,6 +73,7 @@ async def test_a_one_command_batch_is_written_without_a_lock(api: Api) -> None:
     assert _unlocked("written") == written + 2
     done = await api.get(cmd["id"])
     assert [h["status"] for h in done["history"]] == ["queued", "acked", "succeeded"]
+
     # Its status events went through the outbox with the rows: the relay publishes them.
     async def all_published() -> bool:
         return len(api.bus.statuses_of(cmd["id"])) == 3
@@ -84,15 +85,17 @@ async def test_a_one_command_batch_is_written_without_a_lock(api: Api) -> None:
 async def test_an_unlocked_batch_never_overwrites_a_command_written_since_its_read(
     api: Api, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    device_id = new_id()
-    await api.bus.device_registered(device_id)
-    await api.known(device_id)
+    device_id, other_device = new_id(), new_id()
+    for d in (device_id, other_device):
+        await api.bus.device_registered(d)
+        await api.known(d)
     cmd = (await api.send(device_id, {"action": "reboot"})).json()
+    other = (await api.send(other_device, {"action": "reboot"})).json()
     batches = _progress(api)
     read = store.read_commands
 
     async def read_then_another_batch_fails_it(on: store.Driver, ids: Any) -> Any:
-        found = await read(on, ids)  # the command as it was: queued
+        found = await read(on, ids)  # the commands as they were: queued
         monkeypatch.setattr(store, "read_commands", read)
         await batches.apply_reports([_report(cmd, "failed")])  # meanwhile: failed, its end
         return found
@@ -100,12 +103,13 @@ async def test_an_unlocked_batch_never_overwrites_a_command_written_since_its_re
     monkeypatch.setattr(store, "read_commands", read_then_another_batch_fails_it)
     conflicts = _unlocked("conflict")
     # Read as queued, a success would have moved it: the guard refuses, the locked path
-    # re-reads it failed and leaves it so.
-    await batches.apply_reports([_report(cmd, "succeeded")])
+    # re-reads it failed and leaves it so. The other command of the batch is written.
+    await batches.apply_reports([_report(cmd, "succeeded"), _report(other, "succeeded")])
     assert _unlocked("conflict") == conflicts + 1
     done = await api.get(cmd["id"])
     assert done["status"] == "failed"
     assert [h["status"] for h in done["history"]] == ["queued", "failed"]
+    assert (await api.get(other["id"]))["status"] == "succeeded"
     async with batches.sessions() as session:
         events = (
             await session.execute(

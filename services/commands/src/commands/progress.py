@@ -87,34 +87,35 @@ class Progress:
     ) -> None:
         """Devices' acks and OTA progress; `traceparents` (by event id) are the records'.
 
-        A batch about one command (the usual case: a device's `accepted`, then its result) is
-        first applied to the command read without a lock, and written in one statement without
-        BEGIN and COMMIT only if nothing wrote the command since (`row_version`): two round
-        trips instead of four on every command's way to its end. If something did, or the batch
-        is about several commands, or a success waits for the device's run state (read after
-        the locks, see `_apply_locked`), the batch takes the locked path."""
+        The batch is first applied to its commands read without a lock, and written in one
+        statement without BEGIN and COMMIT, each command only if nothing wrote it since it was
+        read (`row_version`): two round trips instead of four on every command's way to its
+        end. The reports of a command that was written meanwhile, and every report of a batch
+        with a success that waits for the device's run state (read after the locks, see
+        `_apply_locked`), take the locked path."""
         traceparents = traceparents or {}
         reports = [(e.data, traceparents.get(str(e.event_id))) for e in events]
-        if len({r.command_id for r, _ in reports}) == 1 and await self._applied_unlocked(reports):
-            return
-        await self._apply_locked(reports)
+        rest = await self._apply_unlocked(reports)
+        if rest:
+            await self._apply_locked(rest)
 
-    async def _applied_unlocked(self, reports: list[tuple[DeviceReport, str | None]]) -> bool:
-        """Whether the reports (of one command) were applied by a guarded write, or nothing
-        was to be done; False: the locked path must apply them."""
+    async def _apply_unlocked(
+        self, reports: list[tuple[DeviceReport, str | None]]
+    ) -> list[tuple[DeviceReport, str | None]]:
+        """Apply the reports by a guarded write; returns those the locked path must apply."""
         async with _batch(self.sessions) as session:
             on = await store.driver(session, begin=False)
             found = await store.read_commands(on, {r.command_id for r, _ in reports})
             cmds = {i: store.to_domain(row) for i, row in found.items()}
             if _awaiting_run_state(reports, cmds):
-                return False
+                return reports
             writes = transitions.Writes()
             self._apply_to(reports, cmds, found, {}, writes)
             not_written = await writes.flush_unchanged(
                 session, {i: row["row_version"] for i, row in found.items()}
             )
         UNLOCKED_REPORT_WRITES.labels("conflict" if not_written else "written").inc()
-        return not not_written
+        return [(r, c) for r, c in reports if r.command_id in not_written]
 
     async def _apply_locked(self, reports: list[tuple[DeviceReport, str | None]]) -> None:
         async with _batch(self.sessions) as session:

@@ -606,7 +606,14 @@ _SAVE_SET = (
 )
 _SAVE_ALL = f"saved AS ({_SAVE_SET} RETURNING c.id)"
 # Only rows nobody wrote since they were read (unlocked): their versions are the ones read.
-_SAVE_UNCHANGED = f"saved AS ({_SAVE_SET} AND c.row_version = v.row_version RETURNING c.id)"
+# Locked first in id order, as every batch locks them: an UPDATE alone locks its rows in no
+# set order, and could deadlock with a batch holding some of them.
+_SAVE_UNCHANGED = (
+    "locked AS (SELECT id FROM commands WHERE id = ANY(CAST(:row_ids AS varchar[]))"  # noqa: S608
+    " ORDER BY id FOR UPDATE), "
+    f"saved AS ({_SAVE_SET} AND c.row_version = v.row_version"
+    " AND c.id IN (SELECT id FROM locked) RETURNING c.id)"
+)
 _STEPS = (
     "INSERT INTO command_transitions (command_id, status, detail, reporter, at)"
     " SELECT t.command_id, t.status, t.detail, t.reporter, t.at"
@@ -686,10 +693,7 @@ async def write_unchanged(
 ) -> set[str]:
     """As `write`, for commands read without a lock (`read_versions`: id → `row_version` as
     read): only those still at that version are written, with their transitions and the events
-    staged as theirs (see `outbox.staged_insert`'s `owners`); returns the ids written.
-
-    The UPDATE takes the row locks itself, in no set order: give one command only, or it could
-    deadlock with a batch locking several in id order."""
+    staged as theirs (see `outbox.staged_insert`'s `owned`); returns the ids written."""
     if not changed:
         return set()
     ctes, params = _writes(changed, steps, events, guarded=True)

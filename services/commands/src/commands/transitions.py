@@ -127,8 +127,8 @@ class Writes:
         self, session: AsyncSession, read_versions: Mapping[str, int]
     ) -> set[str]:
         """Write what was staged for commands read without a lock, without a transaction (one
-        statement, see `store.write_unchanged`: one command at a time), only if no one wrote
-        them since they were read (`read_versions`); returns the ids that were not written."""
+        statement, see `store.write_unchanged`), only if no one wrote them since they were read
+        (`read_versions`); returns the ids that were not written."""
         staged = self._take()
         if not staged.rows:
             return set()
