@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from commands import store
+from commands import store, waiting
 from commands.progress import UNLOCKED_REPORT_WRITES, Progress
 from commands.testing import Api, eventually, new_id
 from common.contracts.commands import STATUS
@@ -80,6 +80,22 @@ async def test_a_one_command_batch_is_written_without_a_lock(api: Api) -> None:
 
     await eventually(all_published)
     assert api.bus.statuses_of(cmd["id"]) == ["queued", "acked", "succeeded"]
+
+
+async def test_only_the_commit_that_ends_a_command_wakes_its_waiting_readers(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device_id = new_id()
+    await api.bus.device_registered(device_id)
+    await api.known(device_id)
+    body = {"action": "set_setting", "params": {"key": "cooldown_s", "value": 30}}
+    cmd = (await api.send(device_id, body)).json()
+    woken: list[set[str]] = []
+    monkeypatch.setattr(waiting, "committed", lambda ids: woken.append(set(ids)))
+    await _progress(api).apply_reports([_report(cmd, "accepted")])
+    assert woken == []  # acked: a reader waiting for the end would find nothing new
+    await _progress(api).apply_reports([_report(cmd, "succeeded")])
+    assert woken == [{cmd["id"]}]
 
 
 async def test_an_unlocked_batch_never_overwrites_a_command_written_since_its_read(

@@ -2,7 +2,7 @@
 events through the outbox, all in the caller's transaction; counted once the transaction commits.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -32,25 +32,25 @@ ACTIVE = Gauge(
     ["status"],
 )
 # Session.info keys: transitions of the open transaction, counted when (if) it commits, and the
-# commands it wrote, whose waiting readers are woken then.
+# commands it ended, whose waiting readers are woken then.
 _MOVES = "commands.moves"
-_CHANGED = "commands.changed"
+_ENDED = "commands.ended"
 
 
 @event.listens_for(Session, "after_commit")
 def _count_committed(session: Session) -> None:
     for action, status in session.info.pop(_MOVES, ()):
         TRANSITIONS.labels(action, status).inc()
-    changed = session.info.pop(_CHANGED, None)
-    if changed:
-        waiting.committed(changed)
+    ended = session.info.pop(_ENDED, None)
+    if ended:
+        waiting.committed(ended)
 
 
 @event.listens_for(Session, "after_transaction_end")
 def _forget_rolled_back(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(_MOVES, None)
-        session.info.pop(_CHANGED, None)
+        session.info.pop(_ENDED, None)
 
 
 @dataclass
@@ -120,7 +120,7 @@ class Writes:
         # On the session's driver connection, in its transaction (`store.driver`).
         on = await store.driver(session, begin=begin)
         row = await store.write(on, list(staged.rows.values()), staged.steps, events, insert=insert)
-        _on_commit(session, staged.moves, staged.rows)
+        _on_commit(session, staged.moves)
         return row
 
     async def flush_unchanged(
@@ -143,8 +143,7 @@ class Writes:
         on = await store.driver(session, begin=False)
         rows = list(staged.rows.values())
         saved = await store.write_unchanged(on, rows, staged.steps, events, read_versions)
-        moves = [move for move in staged.moves if move[0] in saved]
-        _on_commit(session, moves, saved)
+        _on_commit(session, [move for move in staged.moves if move[0] in saved])
         return set(staged.rows) - saved
 
     def _take(self) -> "_Staged":
@@ -161,9 +160,10 @@ class _Staged(NamedTuple):
     moves: list[tuple[str, str, str]]
 
 
-def _on_commit(
-    session: AsyncSession, moves: list[tuple[str, str, str]], ids: Iterable[str]
-) -> None:
-    """Count the moves and wake the commands' waiting readers once the session commits."""
+def _on_commit(session: AsyncSession, moves: list[tuple[str, str, str]]) -> None:
+    """Count `moves` (id, action, status), and wake the waiting readers of the commands they
+    ended, once the session commits. A reader waits for the end only: a wake-up for `acked`
+    cost it a read that answered nothing."""
     session.info.setdefault(_MOVES, []).extend((action, status) for _, action, status in moves)
-    session.info.setdefault(_CHANGED, set()).update(ids)
+    ended = {cid for cid, _, status in moves if status in domain.TERMINAL}
+    session.info.setdefault(_ENDED, set()).update(ended)

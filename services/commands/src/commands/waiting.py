@@ -5,8 +5,9 @@ poll and finds the outcome up to a poll interval late; a waiting GET is answered
 command has ended (or after N seconds, with what it is then).
 
 A waiter is woken, and reads the command again, when:
-- a transaction of this process that wrote the command commits (`committed`, called by
-  `transitions` after the commit: exact, no extra query);
+- a transaction of this process that ended the command commits (`committed`, called by
+  `transitions` after the commit: exact, no extra query; a step on the way, like `acked`,
+  wakes no one, since the reader would only find the command still on its way);
 - another process commits status events (every change of a command writes one): their
   `NOTIFY` on the outbox channel reaches the `CommitListener`, and every waiter here reads
   again, since the notification does not say which commands changed;
@@ -39,7 +40,7 @@ RECHECK_S = 1.0
 
 
 def committed(command_ids: Iterable[str]) -> None:
-    """A transaction of this process that wrote these commands committed."""
+    """A transaction of this process that ended these commands committed."""
     ids = list(command_ids)
     for registry in list(_registries):
         registry.changed(ids)
