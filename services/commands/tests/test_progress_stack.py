@@ -7,11 +7,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from sqlalchemy import func, select
 
 from commands import store, waiting
 from commands.progress import UNLOCKED_REPORT_WRITES, Progress
 from commands.testing import Api, eventually, new_id
+from commands.tracing import StepTracer
 from common.contracts.commands import STATUS
 from common.contracts.device import DeviceReport, DeviceTelemetry
 from common.events import Envelope, new_event
@@ -107,7 +112,11 @@ async def test_an_unlocked_batch_never_overwrites_a_command_written_since_its_re
         await api.known(d)
     cmd = (await api.send(device_id, {"action": "reboot"})).json()
     other = (await api.send(other_device, {"action": "reboot"})).json()
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_ON)  # the accept's context may be unsampled
+    provider.add_span_processor(SimpleSpanProcessor(spans))
     batches = _progress(api)
+    batches.tracer = StepTracer(provider)
     read = store.read_commands
 
     async def read_then_another_batch_fails_it(on: store.Driver, ids: Any) -> Any:
@@ -136,6 +145,13 @@ async def test_an_unlocked_batch_never_overwrites_a_command_written_since_its_re
         ).scalars()
         statuses = [json.loads(e)["data"]["status"] for e in events]
     assert statuses == ["queued", "failed"]  # the refused write's `succeeded`: not written
+    # One span per update written: the refused attempt's span was never ended, so not exported.
+    steps = sorted(
+        (str((s.attributes or {})["command.id"]), s.name) for s in spans.get_finished_spans()
+    )
+    assert steps == sorted(
+        [(cmd["id"], "command ack failed"), (other["id"], "command ack succeeded")]
+    )
 
 
 async def test_telemetry_of_devices_without_a_waiting_command_is_not_stored(api: Api) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import sqlalchemy.exc
+from opentelemetry.trace import Span
 from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -110,10 +111,15 @@ class Progress:
             if _awaiting_run_state(reports, cmds):
                 return reports
             writes = transitions.Writes()
-            self._apply_to(reports, cmds, found, {}, writes)
+            spans: list[tuple[str, Span]] = []
+            self._apply_to(reports, cmds, found, {}, writes, open_spans=spans)
             not_written = await writes.flush_unchanged(
                 session, {i: row["row_version"] for i, row in found.items()}
             )
+        # The locked path makes the spans of what was not written again: end only the others.
+        for command_id, span in spans:
+            if command_id not in not_written:
+                span.end()
         UNLOCKED_REPORT_WRITES.labels("conflict" if not_written else "written").inc()
         return [(r, c) for r, c in reports if r.command_id in not_written]
 
@@ -136,8 +142,12 @@ class Progress:
         found: Mapping[str, store.Record],
         states: Mapping[str, store.Record],
         writes: transitions.Writes,
+        *,
+        open_spans: list[tuple[str, Span]] | None = None,
     ) -> None:
-        """Stage what each report changes, in order, on `cmds` (updated as they move)."""
+        """Stage what each report changes, in order, on `cmds` (updated as they move). With
+        `open_spans`, each update's span is left open there for the caller to end once written
+        (`StepTracer.open_step`)."""
         now = self.clock()
         for report, record_context in reports:
             cmd = cmds.get(report.command_id)
@@ -150,13 +160,15 @@ class Progress:
             change = _on_report(cmd, report, states.get(report.device_id))
             if change is None:
                 continue
-            with self.tracer.step(
-                f"command {report.kind} {report.status or report.phase}",
-                cmd.id,
-                found[cmd.id]["traceparent"],
-                record_context,
-            ):
-                moved = writes.apply(change, "device", now)
+            name = f"command {report.kind} {report.status or report.phase}"
+            traceparent = found[cmd.id]["traceparent"]
+            if open_spans is None:
+                with self.tracer.step(name, cmd.id, traceparent, record_context):
+                    moved = writes.apply(change, "device", now)
+            else:
+                with self.tracer.open_step(name, cmd.id, traceparent, record_context) as span:
+                    moved = writes.apply(change, "device", now)
+                open_spans.append((cmd.id, span))
             cmds[cmd.id] = moved or cmd
 
     async def apply_gateway_statuses(self, events: Sequence[Envelope[CommandStatus]]) -> None:

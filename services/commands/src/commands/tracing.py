@@ -12,7 +12,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from opentelemetry import trace
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TracerProvider
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    TracerProvider,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 _W3C = TraceContextTextMapPropagator()
@@ -42,6 +49,21 @@ class StepTracer:
     ) -> Iterator[None]:
         """A span around writing one update (and its event) of `command_id`: under the record's
         trace context if given and valid, else under the command's stored one."""
+        with self.open_step(name, command_id, traceparent, record_traceparent) as span:
+            yield
+        span.end()
+
+    @contextmanager
+    def open_step(
+        self,
+        name: str,
+        command_id: str,
+        traceparent: str | None,
+        record_traceparent: str | None = None,
+    ) -> Iterator[Span]:
+        """As `step`, current inside the block but left open after it: the caller ends it once
+        the update is written, or drops it if the update was not (a span is exported when it
+        ends, so a dropped one never is: an attempt that wrote nothing leaves no span)."""
         current = trace.get_current_span().get_span_context()
         origin = stored_context(record_traceparent) or stored_context(traceparent)
         parent = None  # no stored context (a command from before 0004): the current one
@@ -50,11 +72,12 @@ class StepTracer:
             parent = trace.set_span_in_context(NonRecordingSpan(origin))
             if current.is_valid and current.trace_id != origin.trace_id:
                 links.append(Link(current))
-        with self._tracer.start_as_current_span(
+        span = self._tracer.start_span(
             name,
             context=parent,
             kind=SpanKind.CONSUMER,
             links=links,
             attributes={"command.id": command_id},
-        ):
-            yield
+        )
+        with trace.use_span(span, end_on_exit=False):
+            yield span
