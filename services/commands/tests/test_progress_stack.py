@@ -75,6 +75,8 @@ async def test_a_one_command_batch_is_written_without_a_lock(api: Api) -> None:
     written = _unlocked("written")
     await _progress(api).apply_reports([_report(cmd, "accepted")])
     await _progress(api).apply_reports([_report(cmd, "succeeded")])
+    unknown = {**cmd, "id": new_id("C")}
+    await _progress(api).apply_reports([_report(unknown, "succeeded")])  # nothing to write
     assert _unlocked("written") == written + 2
     done = await api.get(cmd["id"])
     assert [h["status"] for h in done["history"]] == ["queued", "acked", "succeeded"]

@@ -113,6 +113,8 @@ class Progress:
             writes = transitions.Writes()
             spans: list[tuple[str, Span]] = []
             self._apply_to(reports, cmds, found, {}, writes, open_spans=spans)
+            if not writes.staged:
+                return []  # nothing to write (e.g. acks of commands this service never made)
             not_written = await writes.flush_unchanged(
                 session, {i: row["row_version"] for i, row in found.items()}
             )

@@ -66,6 +66,11 @@ class Writes:
     _owners: list[str | None] = field(default_factory=list)  # the command of each event
     _moves: list[tuple[str, str, str]] = field(default_factory=list)  # id, action, status
 
+    @property
+    def staged(self) -> bool:
+        """Whether a command's change waits to be written."""
+        return bool(self._rows)
+
     def apply(self, change: domain.Change | None, by: str, now: datetime) -> domain.Command | None:
         """Stage `change` (a transition too if the status moved); returns the new command."""
         if change is None:
