@@ -1,6 +1,8 @@
 """The command line every service shares: `python -m <service> serve|migrate`."""
 
 import argparse
+import gc
+import importlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -47,6 +49,7 @@ def run_cli(
         upgrade(settings.database_url.get_secret_value(), package)
         return 0
 
+    freeze_import_heap(app_factory)
     uvicorn.run(
         app_factory,
         factory=True,
@@ -60,3 +63,18 @@ def run_cli(
         timeout_graceful_shutdown=10,
     )
     return 0
+
+
+def freeze_import_heap(app_factory: str) -> None:
+    """Import the app's modules and move everything alive then out of the collector's sight.
+
+    A serving process carries ~150,000 objects from its imports (modules, classes, pydantic and
+    SQLAlchemy schemas) for its whole life, and every full collection walked all of them: on
+    the command path a pause of 125-170 ms, now and then (`bench/commands_roundtrip.py`,
+    services/commands/README.md "Benchmark"). Frozen, they are never walked again; they are
+    still freed by reference counting. Uvicorn's worker processes (`http_workers` > 1) import
+    the app themselves and do not get this.
+    """
+    importlib.import_module(app_factory.partition(":")[0])
+    gc.collect()
+    gc.freeze()
