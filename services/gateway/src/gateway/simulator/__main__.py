@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
 from common.catalog import MODELS
 from gateway.simulator.model import FAULTS, DeviceSpec, Timing
 from gateway.simulator.runner import Fleet, SimulatedDevice
@@ -176,12 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("mqtt").setLevel(logging.WARNING)
     # A thousand devices in one process: the import heap is never walked by the collector
-    # again (see `common.runner.freeze_import_heap`), and uvloop's event loop is cheaper than
-    # asyncio's (1.7-1.9 against 2.0-2.2 ms of CPU per command in bench/commands_roundtrip.py):
-    # the load generator takes less of the cores the platform under test runs on.
+    # again (see `common.runner.freeze_import_heap`).
     gc.collect()
     gc.freeze()
-    return uvloop.run(run(args))
+    return asyncio.run(run(args))
 
 
 if __name__ == "__main__":
