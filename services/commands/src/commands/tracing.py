@@ -48,10 +48,16 @@ class StepTracer:
         record_traceparent: str | None = None,
     ) -> Iterator[None]:
         """A span around writing one update (and its event) of `command_id`: under the record's
-        trace context if given and valid, else under the command's stored one."""
-        with self.open_step(name, command_id, traceparent, record_traceparent) as span:
-            yield
-        span.end()
+        trace context if given and valid, else under the command's stored one. Ended even if
+        the block raises, with the error recorded on it."""
+        span: Span | None = None
+        try:
+            # Ended after the block's context closed, which records an error on it.
+            with self.open_step(name, command_id, traceparent, record_traceparent) as span:
+                yield
+        finally:
+            if span is not None:
+                span.end()
 
     @contextmanager
     def open_step(
