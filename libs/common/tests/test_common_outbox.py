@@ -4,7 +4,8 @@ A table made with `wake_relay=True` is published as soon as the transaction that
 commits (its own process's relays at once, another process's through NOTIFY), not at the next
 poll; a rolled back transaction wakes nobody and publishes nothing; a table without it behaves
 as before (polling only). The relays here poll every 30 s, far beyond each test's deadline, so
-only a wake-up can make a test pass.
+only a wake-up can make a test pass. An eager topic's event goes out at its commit without a
+relay round, and one its process did not send goes out in a round once its grace is over.
 """
 
 import asyncio
@@ -18,13 +19,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import OutOfOrderSequenceNumber
 from pydantic import BaseModel
-from sqlalchemy import MetaData, Table
+from sqlalchemy import MetaData, Table, func
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.contracts.topic import Topic
 from common.db import make_engine, make_sessionmaker
 from common.events import Envelope, new_event
 from common.outbox import (
+    EAGER_GRACE,
     OutboxRelay,
     add_event,
     add_events,
@@ -328,6 +330,60 @@ async def test_a_relay_publishes_nothing_while_another_holds_the_lock(
                 await other.close()
             assert await run.relay.relay_once() == 1
             await _eventually(lambda: run.received(20))
+            assert await run.relay.pending() == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_an_eager_topic_goes_out_at_its_commit_without_a_relay_round(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    # No wake-ups: only the commit's own send can beat the 30 s poll.
+    table = outbox_table(MetaData(), eager_topics=(PINGS.name,))
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            rounds = run.relay.stats.rounds
+            await _add(engine, table, 30, commit=False)
+            await _add(engine, table, 31)
+            await _eventually(lambda: run.received(31))
+            assert run.relay.stats.rounds == rounds  # no round sent it
+            assert run.relay.stats.eager == 1
+            assert 30 not in run.seen  # the rolled back event was never sent
+            # Marked published once acknowledged: no round sends it again.
+            await _eventually(lambda: _none_pending(run.relay))
+    finally:
+        await engine.dispose()
+
+
+async def _none_pending(relay: OutboxRelay) -> bool:
+    return await relay.pending() == 0
+
+
+async def test_an_eager_event_its_process_did_not_send_goes_out_in_a_round_after_the_grace(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData(), eager_topics=(PINGS.name,))
+    engine = await _engine_with(url, table)
+    try:
+        async with _running(stack, engine, table, prefix) as run:
+            # A bare connection has no commit hook: as if its process died right after the
+            # commit, before the send.
+            async with engine.begin() as conn:
+                event = new_event(type=PINGS.event_type, data=Ping(n=32), source="test")
+                await add_event(conn, table, PINGS, event)
+            # Within the grace a round leaves it to its process.
+            assert await run.relay.relay_once() == 0
+            assert await run.relay.pending() == 1
+            async with engine.begin() as conn:
+                await conn.execute(
+                    table.update().values(created_at=func.now() - EAGER_GRACE - EAGER_GRACE)
+                )
+            assert await run.relay.relay_once() == 1
+            await _eventually(lambda: run.received(32))
+            assert run.relay.stats.eager == 0
             assert await run.relay.pending() == 0
     finally:
         await engine.dispose()

@@ -2,9 +2,12 @@
 SIGTERM answers waiting GETs at once and stops.
 
 The service runs as `python -m commands serve` in a subprocess. For the SIGKILL, the test holds
-the outbox relay's advisory lock, so accepted commands cannot be published: the process is
-killed with their dispatch events still in the outbox. After a restart every accepted command
-is dispatched exactly once and completes.
+the outbox relay's advisory lock, so the relay cannot publish. With the dispatch left to the
+relay (`COMMANDS_OUTBOX_EAGER=false`) the process is killed with the accepted commands' dispatch
+events still in the outbox; with the dispatch sent at the commit (the default), they were sent
+and marked published before the kill. Either way, after a restart every accepted command is
+dispatched exactly once and completes. (A dispatch its process never sent goes out in a relay
+round after the grace: `libs/common/tests/test_common_outbox.py`.)
 """
 
 import asyncio
@@ -82,12 +85,15 @@ async def commands_process(
         log.close()
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["relay", "eager"])
 async def test_sigkill_between_accept_and_dispatch_loses_nothing(
+    *,
     stack: StackAddresses,
     fresh_database: Migrate,
     topics: list[str],
     topic_prefix: str,
     issuer: TestIssuer,
+    eager: bool,
 ) -> None:
     url = await fresh_database("commands")
     port = free_port()
@@ -102,6 +108,7 @@ async def test_sigkill_between_accept_and_dispatch_loses_nothing(
         with issuer.serve_jwks() as jwks_url:
             env = process_env(stack, url, topic_prefix, port, jwks_url)
             env["COMMANDS_OUTBOX_POLL_INTERVAL_S"] = "0.05"
+            env["COMMANDS_OUTBOX_EAGER"] = str(eager).lower()
             base = f"http://127.0.0.1:{port}/api/v1"
             accepted: list[str] = []
             async with commands_process(env, port) as proc, httpx.AsyncClient() as client:
@@ -123,47 +130,87 @@ async def test_sigkill_between_accept_and_dispatch_loses_nothing(
                     )
                     assert r.status_code == 202, r.text
                     accepted.append(r.json()["id"])
+                if eager:  # sent at the commit, then marked published: nothing for a round
+
+                    async def sent_and_marked() -> bool:
+                        return all(bus.dispatches_of(c) for c in accepted) and (
+                            await _unpublished_dispatches(holder) == 0
+                        )
+
+                    await eventually(sent_and_marked, deadline_s=30)
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
 
-            pending = await holder.fetchval(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND topic = $1",
-                "command.dispatch.v1",
+            if not eager:
+                pending = await _unpublished_dispatches(holder)
+                assert pending == COMMANDS, "the kill did not land between accept and dispatch"
+                assert not [d for d in bus.dispatches if d["device_id"] == device_id]
+            # The queued statuses wait for the relay either way.
+            assert (
+                await holder.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                >= COMMANDS
             )
-            assert pending == COMMANDS, "the kill did not land between accept and dispatch"
-            assert not [d for d in bus.dispatches if d["device_id"] == device_id]
             await holder.execute("SELECT pg_advisory_unlock($1)", lock_key)
 
-            port = free_port()
-            env["COMMANDS_HTTP_PORT"] = str(port)
-            base = f"http://127.0.0.1:{port}/api/v1"
-            async with commands_process(env, port), httpx.AsyncClient() as client:
-
-                async def all_dispatched() -> bool:
-                    return all(bus.dispatches_of(c) for c in accepted)
-
-                await eventually(all_dispatched, deadline_s=30)
-                for command_id in accepted:
-                    assert len(bus.dispatches_of(command_id)) == 1
-                    cmd = {"id": command_id, "device_id": device_id, "action": "reboot"}
-                    await bus.gateway_status(cmd, "sent")
-                    await bus.ack(cmd, "accepted")
-                    await bus.ack(cmd, "succeeded")
-
-                async def all_succeeded() -> bool:
-                    for command_id in accepted:
-                        r = await client.get(
-                            f"{base}/commands/{command_id}", headers=issuer.headers(DEALER_1)
-                        )
-                        if r.json()["status"] != "succeeded":
-                            return False
-                    return True
-
-                await eventually(all_succeeded, deadline_s=30, interval=0.2)
-                await asyncio.sleep(0)
+            await _restart_and_complete(
+                env=env, bus=bus, issuer=issuer, db=holder, device_id=device_id, accepted=accepted
+            )
     finally:
         await holder.close()
         await bus.stop()
+
+
+async def _restart_and_complete(
+    *,
+    env: dict[str, str],
+    bus: Bus,
+    issuer: TestIssuer,
+    db: asyncpg.Connection,
+    device_id: str,
+    accepted: list[str],
+) -> None:
+    """Start the service again: once its outbox is empty, every accepted command was
+    dispatched exactly once, and completes when its device answers."""
+    port = free_port()
+    env["COMMANDS_HTTP_PORT"] = str(port)
+    base = f"http://127.0.0.1:{port}/api/v1"
+    async with commands_process(env, port), httpx.AsyncClient() as client:
+
+        async def all_out() -> bool:
+            published = not await db.fetchval(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+            )
+            return published and all(bus.dispatches_of(c) for c in accepted)
+
+        await eventually(all_out, deadline_s=30)
+        await asyncio.sleep(0.5)  # a duplicate dispatch would be on the bus by now
+        for command_id in accepted:
+            assert len(bus.dispatches_of(command_id)) == 1
+            cmd = {"id": command_id, "device_id": device_id, "action": "reboot"}
+            await bus.gateway_status(cmd, "sent")
+            await bus.ack(cmd, "accepted")
+            await bus.ack(cmd, "succeeded")
+
+        async def all_succeeded() -> bool:
+            for command_id in accepted:
+                r = await client.get(
+                    f"{base}/commands/{command_id}", headers=issuer.headers(DEALER_1)
+                )
+                if r.json()["status"] != "succeeded":
+                    return False
+            return True
+
+        await eventually(all_succeeded, deadline_s=30, interval=0.2)
+        await asyncio.sleep(0)
+
+
+async def _unpublished_dispatches(conn: asyncpg.Connection) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL AND topic = $1",
+            "command.dispatch.v1",
+        )
+    )
 
 
 async def test_sigterm_answers_waiting_gets_at_once_and_stops(

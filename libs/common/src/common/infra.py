@@ -91,6 +91,7 @@ class Infra:
                     client_id=settings.client_id,
                     batch_size=settings.outbox_batch_size,
                     poll_interval_s=settings.outbox_poll_interval_s,
+                    eager=settings.outbox_eager,
                     linger_ms=settings.kafka_linger_ms,
                     topic_prefix=settings.kafka_topic_prefix,
                 )

@@ -134,3 +134,6 @@ class DatabaseSettings(ServiceSettings):
     database_pool_size: int = Field(default=10, ge=1, le=100)
     outbox_batch_size: int = Field(default=1000, ge=1, le=10000)
     outbox_poll_interval_s: float = Field(default=0.1, gt=0, le=10)
+    # Send the outbox's eager topics right after their commit (`common.outbox`); false leaves
+    # every event to the relay's rounds (one relay at a time: the order across replicas).
+    outbox_eager: bool = True

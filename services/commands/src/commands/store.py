@@ -48,12 +48,15 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.selectable import TextualSelect
 
 from commands import domain
+from common.contracts.commands import DISPATCH
 from common.idempotency import processed_events_table
 from common.outbox import StagedInsert, outbox_table, statement
 
 metadata = MetaData()
-# Accepted commands wake the relay at once (the dispatch is on the command's latency path).
-outbox = outbox_table(metadata, wake_relay=True)
+# Accepted commands wake the relay at once, and their dispatch is sent right after the commit,
+# without a relay round (`common.outbox`: it is on every command's latency path, and the
+# gateway delivers a command once whatever the order or number of its dispatches).
+outbox = outbox_table(metadata, wake_relay=True, eager_topics=(DISPATCH.name,))
 processed_events = processed_events_table(metadata)
 
 commands = Table(
