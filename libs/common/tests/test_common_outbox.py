@@ -90,7 +90,12 @@ class Running:
 
 @asynccontextmanager
 async def _running(
-    stack: StackAddresses, engine: AsyncEngine, table: Table, prefix: str
+    stack: StackAddresses,
+    engine: AsyncEngine,
+    table: Table,
+    prefix: str,
+    *,
+    mark_after_s: float = 1.0,
 ) -> AsyncIterator[Running]:
     relay = OutboxRelay(
         engine=engine,
@@ -99,6 +104,7 @@ async def _running(
         client_id=f"test-outbox-{uuid.uuid4().hex[:6]}",
         poll_interval_s=POLL_S,
         topic_prefix=prefix,
+        mark_after_s=mark_after_s,
     )
     consumer = AIOKafkaConsumer(
         prefix + PINGS.name,
@@ -351,14 +357,41 @@ async def test_an_eager_topic_goes_out_at_its_commit_without_a_relay_round(
             assert run.relay.stats.rounds == rounds  # no round sent it
             assert run.relay.stats.eager == 1
             assert 30 not in run.seen  # the rolled back event was never sent
-            # Marked published once acknowledged: no round sends it again.
+            # Marked published once acknowledged (no round came: by a statement of the
+            # relay's own), so no round sends it again.
             await _eventually(lambda: _none_pending(run.relay))
+            assert run.relay.stats.eager_marks == 1
     finally:
         await engine.dispose()
 
 
 async def _none_pending(relay: OutboxRelay) -> bool:
     return await relay.pending() == 0
+
+
+async def test_the_next_relay_round_marks_acked_eager_events_in_its_own_statement(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    url, prefix = world
+    table = outbox_table(MetaData(), eager_topics=(PINGS.name,))
+    engine = await _engine_with(url, table)
+    try:
+        # The relay's own mark would come only after 30 s.
+        async with _running(stack, engine, table, prefix, mark_after_s=POLL_S) as run:
+            await _add(engine, table, 33)
+            await _eventually(lambda: run.received(33))
+            await _eventually(lambda: _eager_sent(run.relay))
+            assert await run.relay.pending() == 1  # sent, acknowledged, not marked yet
+            assert await run.relay.relay_once() == 0  # nothing to send: the mark rides along
+            assert await run.relay.pending() == 0
+            assert run.relay.stats.eager_marks == 0
+            assert [n for n in run.seen if n == 33] == [33]
+    finally:
+        await engine.dispose()
+
+
+async def _eager_sent(relay: OutboxRelay) -> bool:
+    return relay.stats.eager > 0
 
 
 async def test_an_eager_event_its_process_did_not_send_goes_out_in_a_round_after_the_grace(

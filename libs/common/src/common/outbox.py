@@ -44,6 +44,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Column,
     DateTime,
@@ -55,6 +56,8 @@ from sqlalchemy import (
     Table,
     TextClause,
     Uuid,
+    any_,
+    bindparam,
     event,
     func,
     literal,
@@ -83,8 +86,9 @@ _NOTIFIED = "common.outbox.notified"
 _EAGER = "common.outbox.eager"
 # How long a relay round leaves an eager event to its process's send (see the module docstring).
 EAGER_GRACE = timedelta(seconds=3)
-# The shortest time between two marks of acked eager events (more of them share a statement).
-EAGER_MARK_INTERVAL_S = 0.05
+# How long acked eager events wait for a relay round to mark them (its claim statement does, at
+# no extra round trip) before the relay marks them with a statement of its own.
+EAGER_MARK_AFTER_S = 1.0
 # This process's token in NOTIFY payloads: its own relays are woken in-process already.
 _PROCESS_TOKEN = uuid.uuid4().hex
 _relays: dict[str, "weakref.WeakSet[OutboxRelay]"] = {}
@@ -305,6 +309,7 @@ class RelayStats:
     rounds: int = 0
     wakeups: int = 0
     eager: int = 0  # of `published`, sent right after their commit (no round)
+    eager_marks: int = 0  # statements of the relay's own that marked eager events
 
 
 class OutboxRelay:
@@ -325,6 +330,7 @@ class OutboxRelay:
         retention: timedelta = timedelta(days=1),
         topic_prefix: str = "",
         eager: bool = True,
+        mark_after_s: float = EAGER_MARK_AFTER_S,
     ) -> None:
         self._engine = engine
         self._outbox = outbox
@@ -354,6 +360,7 @@ class OutboxRelay:
         # and not yet marked published.
         self._to_send: list[OutboxEvent] = []
         self._to_mark: list[uuid.UUID] = []
+        self._mark_after_s = mark_after_s
         self._acking: set[asyncio.Future[None]] = set()
         self._send_ready = asyncio.Event()
         self._mark_ready = asyncio.Event()
@@ -495,20 +502,22 @@ class OutboxRelay:
         self._mark_ready.set()
 
     async def _mark_eager(self, stop: asyncio.Event) -> None:
-        """Mark acknowledged eager events published, at most every `EAGER_MARK_INTERVAL_S`,
-        all those acked meanwhile in one statement (off the latency path), until `stop`."""
+        """Mark acknowledged eager events published that no relay round marked within
+        `mark_after_s` (rounds usually do: every commit with other events starts one), until
+        `stop`."""
         while not stop.is_set():
             await _wait(stop, 3600, self._mark_ready)
             self._mark_ready.clear()
-            if self._to_mark and not await self._mark():
+            await _wait(stop, self._mark_after_s)
+            if self._to_mark and not stop.is_set() and not await self._mark():
                 await _wait(stop, 1.0)
-            await _wait(stop, EAGER_MARK_INTERVAL_S)
 
     async def _mark(self) -> bool:
         """Mark the acked eager events published; a failure leaves them to a relay round (a
         duplicate, never a gap)."""
         outbox = self._outbox
         ids, self._to_mark = self._to_mark, []
+        self.stats.eager_marks += 1
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(
@@ -529,13 +538,20 @@ class OutboxRelay:
         return self._poll_interval_s
 
     async def relay_once(self) -> int:
-        """Publish one batch of unpublished events; returns how many."""
-        async with self._engine.begin() as conn:
-            rows = (await conn.execute(self._claim)).all()
-            if not rows:
-                return 0
-            await self._publish(sorted(rows, key=lambda row: row.id))
-            # Leaving the block commits the mark: only now, after every ack.
+        """Publish one batch of unpublished events (and mark the acked eager events published
+        in the same statement); returns how many."""
+        acked, self._to_mark = self._to_mark, []
+        try:
+            async with self._engine.begin() as conn:
+                params = {"acked": acked} if self._eager_topics else {}
+                rows = (await conn.execute(self._claim, params)).all()
+                if not rows:
+                    return 0
+                await self._publish(sorted(rows, key=lambda row: row.id))
+                # Leaving the block commits the mark: only now, after every ack.
+        except BaseException:
+            self._to_mark[:0] = acked  # rolled back: still to be marked
+            raise
         self.stats.published += len(rows)
         self.stats.batches += 1
         OUTBOX_PUBLISHED.inc(len(rows))
@@ -560,12 +576,25 @@ class OutboxRelay:
             .limit(self._batch_size)
             .scalar_subquery()
         )
-        return (
+        claim = (
             update(outbox)
             .where(outbox.c.id.in_(batch))
             .values(published_at=func.now())
             .returning(*(outbox.c[name] for name in ("id", "topic", "key", "payload", "headers")))
         )
+        if not self._eager_topics:
+            return claim
+        # The acked eager events' mark rides along (a data-modifying CTE runs whether read or
+        # not); it does not need the lock. An empty array marks nothing.
+        acked = bindparam("acked", type_=ARRAY(Uuid))
+        marked = (
+            update(outbox)
+            .where(outbox.c.published_at.is_(None), outbox.c.event_id == any_(acked))
+            .values(published_at=func.now())
+            .returning(outbox.c.id)
+            .cte("eager_marked")
+        )
+        return claim.add_cte(marked)
 
     def _not_in_flight(self) -> tuple[Any, ...]:
         """The claim's filter on eager events: only those past the grace (see the module
