@@ -75,7 +75,13 @@ async def world(
     broker = Broker.from_env()
     issuer = TestIssuer()
     prefix = kafka_topics.prefix
-    app = create_app(settings_for(stack, commands_db, prefix), verifier=issuer.verifier())
+    # Dispatches left to the relay (not sent at their commit): two tests hold the relay's lock
+    # to make a dispatch late, or to kill a process between accept and dispatch. The eager
+    # send is what the fault suite's real processes, `bench/commands_roundtrip.py` and
+    # services/commands/tests/test_sigkill_stack.py run.
+    app = create_app(
+        settings_for(stack, commands_db, prefix, outbox_eager=False), verifier=issuer.verifier()
+    )
     fleet_settings = FleetSettings(
         database_url=SecretStr(fleet_db),
         kafka_bootstrap_servers=stack.kafka_bootstrap_servers,
@@ -336,6 +342,7 @@ async def test_sigkill_of_the_commands_process_between_accept_and_dispatch_loses
                 "COMMANDS_HTTP_PORT": str(port),
                 "COMMANDS_JWKS_URL": jwks_url,
                 "COMMANDS_LOG_LEVEL": "WARNING",
+                "COMMANDS_OUTBOX_EAGER": "false",  # see `world`
             }
             proc = subprocess.Popen(  # noqa: ASYNC220 - the process the test kills
                 [sys.executable, "-m", "commands", "serve"],
