@@ -341,28 +341,37 @@ async def test_a_relay_publishes_nothing_while_another_holds_the_lock(
         await engine.dispose()
 
 
-async def test_an_eager_topic_goes_out_at_its_commit_without_a_relay_round(
-    stack: StackAddresses, world: tuple[str, str]
-) -> None:
+@asynccontextmanager
+async def _eager_relay(
+    stack: StackAddresses, world: tuple[str, str], *, mark_after_s: float = 1.0
+) -> AsyncIterator[tuple[AsyncEngine, Table, Running]]:
+    """A running relay of a table whose pings are an eager topic (no wake-ups: only the
+    commit's own send can beat the 30 s poll)."""
     url, prefix = world
-    # No wake-ups: only the commit's own send can beat the 30 s poll.
     table = outbox_table(MetaData(), eager_topics=(PINGS.name,))
     engine = await _engine_with(url, table)
     try:
-        async with _running(stack, engine, table, prefix) as run:
-            rounds = run.relay.stats.rounds
-            await _add(engine, table, 30, commit=False)
-            await _add(engine, table, 31)
-            await _eventually(lambda: run.received(31))
-            assert run.relay.stats.rounds == rounds  # no round sent it
-            assert run.relay.stats.eager == 1
-            assert 30 not in run.seen  # the rolled back event was never sent
-            # Marked published once acknowledged (no round came: by a statement of the
-            # relay's own), so no round sends it again.
-            await _eventually(lambda: _none_pending(run.relay))
-            assert run.relay.stats.eager_marks == 1
+        async with _running(stack, engine, table, prefix, mark_after_s=mark_after_s) as run:
+            yield engine, table, run
     finally:
         await engine.dispose()
+
+
+async def test_an_eager_topic_goes_out_at_its_commit_without_a_relay_round(
+    stack: StackAddresses, world: tuple[str, str]
+) -> None:
+    async with _eager_relay(stack, world) as (engine, table, run):
+        rounds = run.relay.stats.rounds
+        await _add(engine, table, 30, commit=False)
+        await _add(engine, table, 31)
+        await _eventually(lambda: run.received(31))
+        assert run.relay.stats.rounds == rounds  # no round sent it
+        assert run.relay.stats.eager == 1
+        assert 30 not in run.seen  # the rolled back event was never sent
+        # Marked published once acknowledged (no round came: by a statement of the relay's
+        # own), so no round sends it again.
+        await _eventually(lambda: _none_pending(run.relay))
+        assert run.relay.stats.eager_marks == 1
 
 
 async def _none_pending(relay: OutboxRelay) -> bool:
@@ -372,22 +381,16 @@ async def _none_pending(relay: OutboxRelay) -> bool:
 async def test_the_next_relay_round_marks_acked_eager_events_in_its_own_statement(
     stack: StackAddresses, world: tuple[str, str]
 ) -> None:
-    url, prefix = world
-    table = outbox_table(MetaData(), eager_topics=(PINGS.name,))
-    engine = await _engine_with(url, table)
-    try:
-        # The relay's own mark would come only after 30 s.
-        async with _running(stack, engine, table, prefix, mark_after_s=POLL_S) as run:
-            await _add(engine, table, 33)
-            await _eventually(lambda: run.received(33))
-            await _eventually(lambda: _eager_sent(run.relay))
-            assert await run.relay.pending() == 1  # sent, acknowledged, not marked yet
-            assert await run.relay.relay_once() == 0  # nothing to send: the mark rides along
-            assert await run.relay.pending() == 0
-            assert run.relay.stats.eager_marks == 0
-            assert [n for n in run.seen if n == 33] == [33]
-    finally:
-        await engine.dispose()
+    # The relay's own mark would come only after 30 s.
+    async with _eager_relay(stack, world, mark_after_s=POLL_S) as (engine, table, run):
+        await _add(engine, table, 33)
+        await _eventually(lambda: run.received(33))
+        await _eventually(lambda: _eager_sent(run.relay))
+        assert await run.relay.pending() == 1  # sent, acknowledged, not marked yet
+        assert await run.relay.relay_once() == 0  # nothing to send: the mark rides along
+        assert await run.relay.pending() == 0
+        assert run.relay.stats.eager_marks == 0
+        assert [n for n in run.seen if n == 33] == [33]
 
 
 async def _eager_sent(relay: OutboxRelay) -> bool:
@@ -397,26 +400,20 @@ async def _eager_sent(relay: OutboxRelay) -> bool:
 async def test_an_eager_event_its_process_did_not_send_goes_out_in_a_round_after_the_grace(
     stack: StackAddresses, world: tuple[str, str]
 ) -> None:
-    url, prefix = world
-    table = outbox_table(MetaData(), eager_topics=(PINGS.name,))
-    engine = await _engine_with(url, table)
-    try:
-        async with _running(stack, engine, table, prefix) as run:
-            # A bare connection has no commit hook: as if its process died right after the
-            # commit, before the send.
-            async with engine.begin() as conn:
-                event = new_event(type=PINGS.event_type, data=Ping(n=32), source="test")
-                await add_event(conn, table, PINGS, event)
-            # Within the grace a round leaves it to its process.
-            assert await run.relay.relay_once() == 0
-            assert await run.relay.pending() == 1
-            async with engine.begin() as conn:
-                await conn.execute(
-                    table.update().values(created_at=func.now() - EAGER_GRACE - EAGER_GRACE)
-                )
-            assert await run.relay.relay_once() == 1
-            await _eventually(lambda: run.received(32))
-            assert run.relay.stats.eager == 0
-            assert await run.relay.pending() == 0
-    finally:
-        await engine.dispose()
+    async with _eager_relay(stack, world) as (engine, table, run):
+        # A bare connection has no commit hook: as if its process died right after the
+        # commit, before the send.
+        async with engine.begin() as conn:
+            event = new_event(type=PINGS.event_type, data=Ping(n=32), source="test")
+            await add_event(conn, table, PINGS, event)
+        # Within the grace a round leaves it to its process.
+        assert await run.relay.relay_once() == 0
+        assert await run.relay.pending() == 1
+        async with engine.begin() as conn:
+            await conn.execute(
+                table.update().values(created_at=func.now() - EAGER_GRACE - EAGER_GRACE)
+            )
+        assert await run.relay.relay_once() == 1
+        await _eventually(lambda: run.received(32))
+        assert run.relay.stats.eager == 0
+        assert await run.relay.pending() == 0
