@@ -18,15 +18,16 @@ event: the poll stays the safety net.
 
 Events of a table's `eager_topics` (e.g. a command's dispatch, on its latency path) do not wait
 for a relay round at all: a session's commit hands them to this process's relay, which sends
-them at once, in commit order, and marks them published once Kafka acknowledged them (a batched
-UPDATE, off the path). At 50 commands a second the relay's round (lock and claim, send, acks,
-commit) was busy most of the time, and a dispatch waited 5 ms p50 between its commit and its
-send: for the round in progress, then for its own claim. A relay round leaves an eager event
-alone for `EAGER_GRACE`, then publishes it as any other: an event whose process died before its
-send or its mark, whose send failed, or that was written without a session (a bare connection,
-an insert guarded by another statement's rows) goes out then, at least once as before. Eager
-events are ordered by commit within a process only (the relay's lock orders the rest across
-replicas), so only topics whose consumers do not need more belong there.
+them at once, in commit order, and has them marked published once Kafka acknowledged them (off
+the path: by the next round's claim statement, or by a statement of its own after
+`EAGER_MARK_AFTER_S` without a round). At 50 commands a second the relay's round (lock and
+claim, send, acks, commit) was busy most of the time, and a dispatch waited 5 ms p50 between its
+commit and its send: for the round in progress, then for its own claim. A relay round leaves an
+eager event alone for `EAGER_GRACE`, then publishes it as any other: an event whose process died
+before its send or its mark, whose send failed, or that was written without a session (a bare
+connection, an insert guarded by another statement's rows) goes out then, at least once as
+before. Eager events are ordered by commit within a process only (the relay's lock orders the
+rest across replicas), so only topics whose consumers do not need more belong there.
 """
 
 import asyncio
