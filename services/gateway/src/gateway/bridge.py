@@ -181,6 +181,55 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
 
+    async def release(self, *, idle_s: float = 3.0, timeout_s: float = 600.0) -> int:
+        """End the broker session of this bridge's client id, losing nothing it holds; returns
+        how many messages it forwarded.
+
+        For a replica that is gone for good (a scaled-down pod): the broker keeps handing its
+        session a share of the uplinks until the session expires, then drops them. This takes
+        the session over and UNSUBSCRIBEs at once (so no new share comes: a live fleet would
+        never let it go quiet otherwise), forwards to Kafka what the session still holds (the
+        broker delivers its queue after the UNSUBSCRIBE too; PUBACK after Kafka's ack, as the
+        bridge always does) until nothing came for `idle_s`, and leaves with session expiry 0.
+        Only for an id no running replica uses: the broker hands a session to whichever
+        connection came last.
+        """
+        sender = asyncio.create_task(self._send_loop(), name="uplink-producer")
+        conn: MqttConnection | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                conn = await MqttConnection.open(self._options(), self._on_publish)
+                self._conn = conn
+                if conn.session_present:
+                    await conn.unsubscribe(self.subscription)
+                    await self._quiet(conn, idle_s)
+                await conn.disconnect(end_session=True)
+        finally:
+            if conn is not None:
+                conn.abort()
+            self._conn = None
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        logger.info(
+            "mqtt session released",
+            extra={"client_id": self._settings.mqtt_client_id, "forwarded": self.stats.forwarded},
+        )
+        return self.stats.forwarded
+
+    async def _quiet(self, conn: MqttConnection, idle_s: float) -> None:
+        """Until nothing arrived for `idle_s` and everything received is acknowledged."""
+        loop = asyncio.get_running_loop()
+        seen, since = self.stats.received, loop.time()
+        while True:
+            if not conn.alive:
+                raise MqttError("the session's connection was lost while releasing it")
+            await asyncio.sleep(0.05)
+            if self.stats.received != seen:
+                seen, since = self.stats.received, loop.time()
+            elif loop.time() - since >= idle_s and not self._pending and not self._unacked:
+                return
+
     async def _finish(self, conn: MqttConnection) -> None:
         """Shutdown: take no more, let Kafka acknowledge what is in flight, PUBACK it, leave."""
         conn.pause_reading()

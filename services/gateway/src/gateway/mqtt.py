@@ -5,8 +5,10 @@ info with a threading.Condition, a Properties object...), which caps a subscribe
 thousand messages a second on a small machine. The gateway needs only a narrow part of MQTT:
 CONNECT (persistent session, Receive Maximum, Maximum Packet Size), one SUBSCRIBE, receiving
 QoS 0/1 PUBLISH, sending PUBACK when *it* decides (after Kafka acknowledged), publishing QoS 1
-commands with a Message Expiry Interval, PINGREQ. Packets are parsed straight from the receive
-buffer and handed to a synchronous callback; PUBACKs are written in batches.
+commands with a Message Expiry Interval, PINGREQ; and, to release the session of a replica that
+is gone for good, UNSUBSCRIBE and a DISCONNECT that ends the session. Packets are parsed
+straight from the receive buffer and handed to a synchronous callback; PUBACKs are written in
+batches.
 
 Devices keep using any MQTT client (the simulator uses aiomqtt); this is not a general client.
 """
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 _CONNECT, _CONNACK, _PUBLISH, _PUBACK = 0x10, 0x20, 0x30, 0x40
 _SUBSCRIBE, _SUBACK, _PINGREQ, _PINGRESP, _DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
+_UNSUBSCRIBE, _UNSUBACK = 0xA2, 0xB0
 
 # MQTT v5 property identifiers and the width of their values (-1 varint, -2 string/binary,
 # -3 string pair).
@@ -245,10 +248,10 @@ class MqttConnection(asyncio.Protocol):
             if qos > 1:
                 raise MqttError("QoS 2 delivery on a QoS 1 subscription")
             self._on_publish(self, topic, bytes(buf[pos + props_len : end]), packet_id, qos)
-        elif kind == _PUBACK or first == _SUBACK:
+        elif kind == _PUBACK or first in (_SUBACK, _UNSUBACK):
             packet_id = (buf[start] << 8) | buf[start + 1]
             code = buf[start + 2] if end - start > 2 else 0
-            if first == _SUBACK:
+            if first in (_SUBACK, _UNSUBACK):
                 props_len, pos = _read_varint(buf, start + 2)
                 code = buf[pos + props_len]
             waiter = self._waiting.pop(packet_id, None)
@@ -320,6 +323,15 @@ class MqttConnection(asyncio.Protocol):
         if code >= 0x80:
             raise MqttError(f"SUBSCRIBE {topic_filter} refused, reason code {code:#x}")
 
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """UNSUBSCRIBE and wait for the UNSUBACK; raises MqttError if refused."""
+        code = await self._request(
+            lambda pid: _packet(_UNSUBSCRIBE, struct.pack("!H", pid) + b"\x00" + _str(topic_filter))
+        )
+        # 0x11 "no subscription existed" leaves the session as wanted.
+        if code >= 0x80:
+            raise MqttError(f"UNSUBSCRIBE {topic_filter} refused, reason code {code:#x}")
+
     async def publish(
         self, topic: str, payload: bytes, *, message_expiry_s: int | None = None
     ) -> None:
@@ -353,10 +365,15 @@ class MqttConnection(asyncio.Protocol):
         if self._transport is not None and not self.closed.done():
             self._transport.pause_reading()
 
-    async def disconnect(self) -> None:
-        """Orderly DISCONNECT (the session stays with the broker for its expiry)."""
+    async def disconnect(self, *, end_session: bool = False) -> None:
+        """Orderly DISCONNECT: the session stays with the broker for its expiry, or, with
+        `end_session`, ends now (Session Expiry Interval 0: its subscriptions go with it)."""
         if self._transport is not None and not self.closed.done():
-            self._transport.write(bytes((_DISCONNECT, 0)))
+            if end_session:
+                props = b"\x11" + struct.pack("!I", 0)
+                self._transport.write(_packet(_DISCONNECT, b"\x00" + _varint(len(props)) + props))
+            else:
+                self._transport.write(bytes((_DISCONNECT, 0)))
             self._transport.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self.closed), timeout=2)
