@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,11 @@ class PrivateStack:
         base["AUTOGEN_RATE_LIMIT_PER_TOKEN"] = "100000r/s"
         base["AUTOGEN_KAFKA_HEAP"] = "-Xmx384m -Xms384m"
         base["AUTOGEN_STOP_TIMEOUT"] = "30"
+        # Settings the services run with here (the rest of the environment's are stripped
+        # above), to compare behaviours: FAULTS_SERVICE_ENV="COMMANDS_OUTBOX_EAGER=false".
+        for setting in os.environ.get("FAULTS_SERVICE_ENV", "").split():
+            name, _, value = setting.partition("=")
+            base[name] = value
         self._script_env = base
 
     # --- servers -------------------------------------------------------------------------
@@ -191,6 +197,20 @@ class PrivateStack:
         if done.returncode != 0:
             raise RuntimeError(f"stack {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
         return done.stdout
+
+    def reset(self) -> None:
+        """Stop the servers and delete everything they stored (logs stay): a run after another
+        would otherwise meet the last one's rollouts, firmware and commands (the Mosquitto
+        case then accepted 33 commands instead of ~300, and its rollout had devices "back with"
+        the last run's version)."""
+        with contextlib.suppress(Exception):
+            self.stack("stop", timeout=180)
+        for path in self.local_dir.iterdir():
+            if path != self.log_dir:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
 
     def start_servers(self) -> None:
         """Start (or keep) the servers and read the environment contract they publish."""
