@@ -3,11 +3,11 @@
 Everything here runs on its own ports and directory (`.local/faults/`), so stopping Kafka or
 killing a service never touches the shared stack other people and tests use. The session
 fixture stops all of it at the end, whatever happened, and starts it from empty data every time
-(a run after another met the last one's rollouts and commands). `FAULTS_KEEP_SERVERS=1` leaves
-the private servers running, and a next run reuses them and their data, for a faster next run
-while iterating (services always stop). `FAULTS_SERVICE_ENV="NAME=value ..."` gives the
-services settings of your own (the rest of the environment's service settings are stripped),
-e.g. `COMMANDS_OUTBOX_EAGER=false` to compare.
+(as on a fresh clone: the last run's rollouts and devices are not part of the next).
+`FAULTS_KEEP_SERVERS=1` leaves the private servers running, and a next run reuses them and
+their data, for a faster next run while iterating (services always stop).
+`FAULTS_SERVICE_ENV="NAME=value ..."` gives the services settings of your own (the rest of the
+environment's service settings are stripped), e.g. `COMMANDS_OUTBOX_EAGER=false` to compare.
 
 Scale: `FAULTS_DEVICES` simulated devices in each rollout (default 200, the issue's figure) and
 `FAULTS_COMMANDS` commands per burst (default 500, likewise); lower them to iterate.

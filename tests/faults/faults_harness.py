@@ -199,10 +199,9 @@ class PrivateStack:
         return done.stdout
 
     def reset(self) -> None:
-        """Stop the servers and delete everything they stored (logs stay): a run after another
-        would otherwise meet the last one's rollouts, firmware and commands (the Mosquitto
-        case then accepted 33 commands instead of ~300, and its rollout had devices "back with"
-        the last run's version)."""
+        """Stop the servers and delete everything they stored (logs stay), so a run starts as
+        on a fresh clone (as in CI): the last run's releases, rollouts, devices and commands
+        are not part of the next one."""
         with contextlib.suppress(Exception):
             self.stack("stop", timeout=180)
         for path in self.local_dir.iterdir():

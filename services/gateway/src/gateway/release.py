@@ -37,7 +37,12 @@ def main(argv: list[str]) -> int:
     settings = settings.model_copy(
         update={"mqtt_client_id": args.client_id, "device_rate_per_s": 0}
     )
-    forwarded = asyncio.run(_release(settings, args.idle_s))
+    try:
+        forwarded = asyncio.run(_release(settings, args.idle_s))
+    except (OSError, TimeoutError) as exc:  # MqttError is a ConnectionError
+        # What was not forwarded stays in the session (PUBACK only after Kafka's ack).
+        sys.stderr.write(f"session of {args.client_id} not released: {exc!r}; run it again\n")
+        return 1
     sys.stdout.write(f"released the session of {args.client_id}: {forwarded} messages forwarded\n")
     return 0
 
