@@ -44,6 +44,7 @@ from fleet.settings import FleetSettings
 from gateway.dynsec import DynsecAdmin
 from gateway.simulator.__main__ import parse_args, run
 from gateway.testing import Broker, KafkaTail, admin_session, bridge_account, running_gateway
+from gateway.testing import device_client as as_device
 
 pytestmark = pytest.mark.stack
 
@@ -170,20 +171,11 @@ async def world(
                 await admin.remove_device(device_id)
 
 
-def device_client(broker: Broker, device_id: str, password: str) -> aiomqtt.Client:
+def device_client(device_id: str, password: str) -> aiomqtt.Client:
     """A hand-driven device with a persistent session, as real units keep."""
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 600
-    return aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=device_id,
-        password=password,
-        identifier=device_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=False,
-        properties=props,
-    )
+    return as_device(device_id, password, clean_start=False, properties=props)
 
 
 async def test_start_succeeds_and_telemetry_shows_running(world: dict[str, Any]) -> None:
@@ -222,18 +214,17 @@ async def test_start_succeeds_and_telemetry_shows_running(world: dict[str, Any])
 
 async def test_offline_device_gets_its_command_when_it_reconnects(world: dict[str, Any]) -> None:
     api: Api = world["api"]
-    broker: Broker = world["broker"]
     device_id = world["offline"]
     password = world["passwords"][device_id]
     # The device has a session at the broker, then drops off.
-    async with device_client(broker, device_id, password) as client:
+    async with device_client(device_id, password) as client:
         await client.subscribe(f"devices/{device_id}/down/command", qos=1)
 
     cmd = (await api.send(device_id, {"action": "set_setting", "params": {
         "key": "cooldown_s", "value": 120}})).json()  # fmt: skip
     await api.wait_status(cmd["id"], "sent")
 
-    async with device_client(broker, device_id, password) as client:
+    async with device_client(device_id, password) as client:
         async with asyncio.timeout(20):
             async for message in client.messages:
                 body = json.loads(message.payload)

@@ -17,7 +17,14 @@ from common.events import encode, new_event
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
 from gateway.dynsec import DynsecAdmin
-from gateway.testing import Broker, KafkaTail, admin_session, bridge_account, running_gateway
+from gateway.testing import (
+    Broker,
+    KafkaTail,
+    admin_session,
+    bridge_account,
+    device_client,
+    running_gateway,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -78,15 +85,7 @@ async def listening_device(admin: DynsecAdmin) -> tuple[str, aiomqtt.Client]:
     device_id = f"C{uuid.uuid4().hex[:10]}"
     password = uuid.uuid4().hex
     await admin.ensure_device(device_id, password)
-    broker = Broker.from_env()
-    client = aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=device_id,
-        password=password,
-        identifier=device_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
-    )
+    client = device_client(device_id, password)
     await client.__aenter__()
     await client.subscribe(f"devices/{device_id}/down/command", qos=1)
     return device_id, client

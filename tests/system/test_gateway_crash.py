@@ -17,7 +17,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiomqtt
 import httpx
 import pytest
 
@@ -25,7 +24,14 @@ from common.contracts import device
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
 from gateway.dynsec import DynsecAdmin
-from gateway.testing import BridgeAccount, Broker, KafkaTail, admin_session, bridge_account
+from gateway.testing import (
+    BridgeAccount,
+    Broker,
+    KafkaTail,
+    admin_session,
+    bridge_account,
+    device_client,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -141,16 +147,7 @@ async def test_sigkilled_gateway_loses_no_qos1_uplink(
         )
         await gateway.start()
         try:
-            broker = Broker.from_env()
-            async with aiomqtt.Client(
-                broker.host,
-                broker.port,
-                username=device_id,
-                password=password,
-                identifier=device_id,
-                protocol=aiomqtt.ProtocolVersion.V5,
-                max_inflight_messages=100,
-            ) as client:
+            async with device_client(device_id, password, max_inflight_messages=100) as client:
 
                 async def publish(seq: int) -> None:
                     body = {

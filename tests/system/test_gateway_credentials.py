@@ -13,7 +13,7 @@ from common.auth import Principal
 from common.testing.auth import TestIssuer
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
-from gateway.testing import Broker, admin_session, bridge_account, running_gateway
+from gateway.testing import Broker, admin_session, bridge_account, device_client, running_gateway
 
 pytestmark = pytest.mark.stack
 
@@ -49,16 +49,8 @@ def path(device_id: str) -> str:
 
 
 async def can_connect(device_id: str, password: str) -> bool:
-    broker = Broker.from_env()
     try:
-        async with aiomqtt.Client(
-            broker.host,
-            broker.port,
-            username=device_id,
-            password=password,
-            identifier=device_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-        ):
+        async with device_client(device_id, password):
             return True
     except aiomqtt.MqttError:
         return False

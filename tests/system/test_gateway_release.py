@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import aiomqtt
 import pytest
 
 from common.contracts import commands, device
@@ -24,7 +23,14 @@ from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
 from gateway.dynsec import DynsecAdmin
 from gateway.mqtt import ConnectOptions, MqttConnection
-from gateway.testing import Broker, KafkaTail, admin_session, bridge_account, running_gateway
+from gateway.testing import (
+    Broker,
+    KafkaTail,
+    admin_session,
+    bridge_account,
+    device_client,
+    running_gateway,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -111,15 +117,7 @@ async def test_a_gone_replicas_session_is_released_with_everything_it_held(
                 await asyncio.sleep(0.1)
             return seqs()
 
-        async with aiomqtt.Client(
-            broker.host,
-            broker.port,
-            username=device_id,
-            password=password,
-            identifier=device_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            max_inflight_messages=50,
-        ) as client:
+        async with device_client(device_id, password, max_inflight_messages=50) as client:
             for seq in range(FIRST):
                 await client.publish(f"devices/{device_id}/up/telemetry", telemetry(seq), qos=1)
             stranded = FIRST - len(await settled(FIRST, 60))

@@ -26,7 +26,7 @@ from common.testing.stack import StackAddresses
 from gateway.app import create_app
 from gateway.dynsec import DynsecAdmin
 from gateway.settings import GatewaySettings
-from gateway.testing import Broker, KafkaTail, admin_session, bridge_account
+from gateway.testing import Broker, KafkaTail, admin_session, bridge_account, device_client
 
 pytestmark = pytest.mark.stack
 
@@ -86,19 +86,6 @@ async def new_device(admin: DynsecAdmin) -> tuple[str, str]:
     password = uuid.uuid4().hex
     await admin.ensure_device(device_id, password)
     return device_id, password
-
-
-def device_client(device_id: str, password: str, **kwargs: Any) -> aiomqtt.Client:
-    broker = Broker.from_env()
-    return aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=device_id,
-        password=password,
-        identifier=device_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        **kwargs,
-    )
 
 
 def telemetry(**overrides: Any) -> bytes:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiomqtt
 from aiokafka import AIOKafkaConsumer
 
 from gateway.dynsec import DynsecAdmin, ensure_bridge_account, remove_bridge_account
@@ -38,6 +39,20 @@ class Broker:
             admin_username=os.environ["AUTOGEN_MQTT_ADMIN_USERNAME"],
             admin_password=os.environ["AUTOGEN_MQTT_ADMIN_PASSWORD"],
         )
+
+
+def device_client(device_id: str, password: str, **kwargs: Any) -> aiomqtt.Client:
+    """An MQTT v5 client as the device itself (client id = username = device id)."""
+    broker = Broker.from_env()
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username=device_id,
+        password=password,
+        identifier=device_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        **kwargs,
+    )
 
 
 @contextlib.asynccontextmanager
