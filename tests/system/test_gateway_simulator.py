@@ -2,7 +2,8 @@
 
 Start makes telemetry say `running`; an OTA goes downloading → installing → rebooting, offline,
 and back online with the new version, the WiFi unit before the GSM unit; a unit with the
-`ota_fail` fault reports `failed`; a command already run is ignored.
+`ota_fail` fault reports `failed`; a command already run is ignored; an OTA whose broker session
+drops mid-download still ends with the new version.
 """
 
 import asyncio
@@ -202,3 +203,76 @@ async def test_faulty_ota_reports_failed_and_repeat_is_ignored(fleet: dict[str, 
         ),
     )
     assert len(accepted) == 1
+
+
+async def test_an_ota_survives_a_lost_broker_session(fleet: dict[str, Any], tmp_path: Path) -> None:
+    """The image comes over HTTP, not MQTT: a unit whose broker session drops mid-download
+    (a broker restart, a network blip) finishes the update and comes back with the new
+    version (it used to give up and come back with the old one)."""
+    tail: KafkaTail = fleet["tail"]
+    presence = fleet["prefix"] + device.PRESENCE.name
+    reports = fleet["prefix"] + device.REPORT.name
+    broker = Broker.from_env()
+    unit_id, password = f"S{uuid.uuid4().hex[:6]}-ota", uuid.uuid4().hex
+    unit = {
+        "id": unit_id,
+        "name": "ota unit",
+        "model": "Ultra",
+        "transport": "wifi",
+        "gps": False,
+        "firmware_version": "1.0.0",
+        "password": password,
+    }
+    path = tmp_path / "devices.json"
+    path.write_text(
+        json.dumps({"mqtt": {"host": broker.host, "port": broker.port}, "devices": [unit]})
+    )
+    async with admin_session(broker) as admin:
+        await admin.ensure_device(unit_id, password)
+        # Real time: the download takes 1.5 s, long enough to cut the session in the middle.
+        args = parse_args(
+            ["--devices", str(path), "--time-factor", "1", "--telemetry-interval", "30",
+             "--log-level", "WARNING"]
+        )  # fmt: skip
+        simulator = asyncio.create_task(run(args))
+        try:
+            await tail.wait_for(presence, lambda e: e["key"] == unit_id)
+            command_id = await send(
+                fleet,
+                unit_id,
+                "force_ota",
+                version="3.0.0",
+                url="http://x/fw",
+                sha256="0",
+                size=1,
+            )
+            await tail.wait_for(
+                reports,
+                lambda e: (
+                    e["data"]["command_id"] == command_id
+                    and e["data"].get("phase") == "downloading"
+                ),
+            )
+            # Removing the account makes the broker drop the unit at once; it is back (same
+            # password) before the unit's reconnect.
+            await admin.remove_device(unit_id)
+            await admin.ensure_device(unit_id, password)
+            await tail.wait_for(
+                presence,
+                lambda e: (
+                    e["key"] == unit_id
+                    and e["data"]["state"] == "online"
+                    and e["data"]["fw"] == "3.0.0"
+                ),
+                timeout_s=60,
+            )
+            failed = tail.matching(
+                reports,
+                lambda e: (
+                    e["data"]["command_id"] == command_id and e["data"].get("phase") == "failed"
+                ),
+            )
+            assert failed == []
+        finally:
+            simulator.cancel()
+            await admin.remove_device(unit_id)

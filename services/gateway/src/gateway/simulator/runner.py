@@ -72,6 +72,8 @@ class SimulatedDevice:
         self.online = asyncio.Event()
         self._leave: asyncio.Future[_Offline] | None = None
         self._busy = False
+        # The session's client while one is up: an OTA outlives sessions (see `_ota`).
+        self._connected: aiomqtt.Client | None = None
 
     @property
     def topic(self) -> str:
@@ -119,6 +121,7 @@ class SimulatedDevice:
                 delay = min(delay * 2, 60.0)
             finally:
                 self.online.clear()
+                self._connected = None
             if offline.seconds is None:
                 logger.info("device %s is gone for good (fault never_returns)", self.spec.id)
                 return
@@ -135,6 +138,7 @@ class SimulatedDevice:
             await client.subscribe(f"{self.topic}/down/command", qos=1)
             await self._publish(client, "status", self.state.status("online", _now()), retain=True)
             self.online.set()
+            self._connected = client
             tasks = [
                 asyncio.create_task(self._report(client)),
                 asyncio.create_task(self._listen(client)),
@@ -235,19 +239,36 @@ class SimulatedDevice:
                 return
             await self._ack(client, command, "accepted")
             self._busy = True
-            asyncio.get_running_loop().create_task(self._ota(client, command))
+            asyncio.get_running_loop().create_task(self._ota(command))
         else:
             await self._ack(client, command, "rejected", f"unknown action {action}")
 
-    async def _ota(self, client: aiomqtt.Client, command: Command) -> None:
+    async def _ota(self, command: Command) -> None:
+        """Download, install, reboot. The image comes over HTTP, not MQTT: a lost broker session
+        (a broker restart, a network blip) does not stop it. Progress is reported while a
+        session is up and skipped while none is; a failure waits for the next session."""
         try:
-            await self._ota_steps(client, command)
-        except aiomqtt.MqttError:
-            logger.debug("device %s: OTA interrupted by a lost session", self.spec.id)
+            await self._ota_steps(command)
         finally:
             self._busy = False
 
-    async def _ota_steps(self, client: aiomqtt.Client, command: Command) -> None:
+    async def _send_when_connected(self, kind: str, body: dict[str, Any], *, wait: bool) -> None:
+        """Publish on the session that is up; with `wait`, the next one if none is (or it just
+        went), else drop it."""
+        while True:
+            client = self._connected
+            if client is not None:
+                try:
+                    await self._publish(client, kind, body)
+                    return
+                except aiomqtt.MqttError:
+                    logger.debug("device %s: %s not sent, session lost", self.spec.id, kind)
+            if not wait:
+                return
+            await asyncio.sleep(0.1)  # the session that failed is still marked up: let it go
+            await self.online.wait()
+
+    async def _ota_steps(self, command: Command) -> None:
         step = self.fleet.timing.step_s
         version = str(command.params.get("version") or "")
         if command.action == "fw_update":
@@ -255,16 +276,17 @@ class SimulatedDevice:
             while self.state.run_state == "running":  # noqa: ASYNC110 - a state, not an event
                 await asyncio.sleep(step)
         for pct in (0, 50, 100):
-            await self._ota_phase(client, command, "downloading", pct)
+            await self._ota_phase(command, "downloading", pct)
             await asyncio.sleep(step / 2)
         if "ota_fail" in self.spec.faults or not version:
             detail = "image checksum mismatch" if version else "no version in params"
-            await self._ota_phase(client, command, "failed", None, detail)
-            await self._ack(client, command, "failed", detail)
+            await self._ota_phase(command, "failed", None, detail)
+            body = {"command_id": command.command_id, "status": "failed", "detail": detail}
+            await self._send_when_connected("ack", body, wait=True)
             return
-        await self._ota_phase(client, command, "installing", None)
+        await self._ota_phase(command, "installing", None)
         await asyncio.sleep(step)
-        await self._ota_phase(client, command, "rebooting", None)
+        await self._ota_phase(command, "rebooting", None)
         if "wrong_version" not in self.spec.faults:
             self.state.fw = version
         self.state.run_state = "stopped"
@@ -274,12 +296,7 @@ class SimulatedDevice:
             self.go_offline(self.state.return_delay_s(self.fleet.timing), announce=True)
 
     async def _ota_phase(
-        self,
-        client: aiomqtt.Client,
-        command: Command,
-        phase: str,
-        pct: float | None,
-        detail: str | None = None,
+        self, command: Command, phase: str, pct: float | None, detail: str | None = None
     ) -> None:
         body = {
             "command_id": command.command_id,
@@ -287,7 +304,7 @@ class SimulatedDevice:
             "progress_pct": pct,
             "detail": detail,
         }
-        await self._publish(client, "ota", body)
+        await self._send_when_connected("ota", body, wait=phase == "failed")
 
 
 def _now() -> datetime:
