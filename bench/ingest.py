@@ -38,7 +38,7 @@ import aiomqtt
 import httpx
 from aiokafka import AIOKafkaConsumer
 
-from common.contracts import commands, device
+from common.contracts import device
 from common.testing.stack import (
     StackAddresses,
     create_database,
@@ -48,7 +48,7 @@ from common.testing.stack import (
     load_stack_env,
 )
 from gateway.dynsec import DynsecAdmin
-from gateway.testing import BridgeAccount, Broker, admin_session, bridge_account
+from gateway.testing import TOPICS, BridgeAccount, Broker, admin_session, bridge_account
 
 PAYLOAD_BYTES = 100
 
@@ -366,16 +366,7 @@ async def main() -> int:
     broker = Broker.from_env()
     tag = uuid.uuid4().hex[:6]
     prefix = f"bench.{tag}."
-    topics = [
-        device.TELEMETRY.name,
-        device.PRESENCE.name,
-        device.REPORT.name,
-        device.DEADLETTER.name,
-        commands.DISPATCH.name,
-        commands.STATUS.name,
-        "platform.deadletter.v1",
-    ]
-    await create_topics(stack.kafka_bootstrap_servers, [prefix + t for t in topics], partitions=6)
+    await create_topics(stack.kafka_bootstrap_servers, [prefix + t for t in TOPICS], partitions=6)
     db_name = f"bench_gateway_{tag}"
     url = await create_database(stack.pg_admin_url, db_name)
     subprocess.run(  # noqa: ASYNC221 - set-up, before any measurement

@@ -151,7 +151,6 @@ async def world(
                 yield {
                     "api": api,
                     "admin": admin,
-                    "broker": broker,
                     "sim": sim_id,
                     "offline": offline_id,
                     "passwords": passwords,

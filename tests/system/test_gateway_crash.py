@@ -25,6 +25,7 @@ from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
 from gateway.dynsec import DynsecAdmin
 from gateway.testing import (
+    TOPICS,
     BridgeAccount,
     Broker,
     KafkaTail,
@@ -122,15 +123,7 @@ async def test_sigkilled_gateway_loses_no_qos1_uplink(
     admin: DynsecAdmin,
     tmp_path: Path,
 ) -> None:
-    await kafka_topics.create(
-        device.TELEMETRY.name,
-        device.PRESENCE.name,
-        device.REPORT.name,
-        device.DEADLETTER.name,
-        "command.dispatch.v1",
-        "command.status.v1",
-        "platform.deadletter.v1",
-    )
+    await kafka_topics.create(*TOPICS)
     telemetry_topic = kafka_topics.prefix + device.TELEMETRY.name
     url = await fresh_database("gateway")
     device_id, password = f"K{uuid.uuid4().hex[:10]}", uuid.uuid4().hex

@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from common.contracts import commands, device
+from common.contracts import device
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
 from gateway.dynsec import DynsecAdmin
 from gateway.mqtt import ConnectOptions, MqttConnection
 from gateway.testing import (
+    TOPICS,
     Broker,
     KafkaTail,
     admin_session,
@@ -57,15 +58,7 @@ async def test_a_gone_replicas_session_is_released_with_everything_it_held(
 ) -> None:
     # One device publishes everything here: the live replica must not rate-limit it.
     monkeypatch.setenv("GATEWAY_DEVICE_RATE_PER_S", "0")
-    await kafka_topics.create(
-        device.TELEMETRY.name,
-        device.PRESENCE.name,
-        device.REPORT.name,
-        device.DEADLETTER.name,
-        commands.DISPATCH.name,
-        commands.STATUS.name,
-        "platform.deadletter.v1",
-    )
+    await kafka_topics.create(*TOPICS)
     topic = kafka_topics.prefix + device.TELEMETRY.name
     url = await fresh_database("gateway")
     device_id, password = f"R{uuid.uuid4().hex[:10]}", uuid.uuid4().hex

@@ -22,19 +22,16 @@ from common.events import encode, new_event
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
 from gateway.simulator.__main__ import parse_args, run
-from gateway.testing import Broker, KafkaTail, admin_session, bridge_account, running_gateway
+from gateway.testing import (
+    TOPICS,
+    Broker,
+    KafkaTail,
+    admin_session,
+    bridge_account,
+    running_gateway,
+)
 
 pytestmark = pytest.mark.stack
-
-TOPICS = [
-    device.TELEMETRY.name,
-    device.PRESENCE.name,
-    device.REPORT.name,
-    device.DEADLETTER.name,
-    commands.DISPATCH.name,
-    commands.STATUS.name,
-    "platform.deadletter.v1",
-]
 
 
 @pytest.fixture(scope="module")

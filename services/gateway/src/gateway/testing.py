@@ -18,7 +18,19 @@ from typing import Any
 import aiomqtt
 from aiokafka import AIOKafkaConsumer
 
+from common.contracts import commands, device, platform
 from gateway.dynsec import DynsecAdmin, ensure_bridge_account, remove_bridge_account
+
+# Every topic a running gateway reads or writes (create them, prefixed, before starting one).
+TOPICS = (
+    device.TELEMETRY.name,
+    device.PRESENCE.name,
+    device.REPORT.name,
+    device.DEADLETTER.name,
+    commands.DISPATCH.name,
+    commands.STATUS.name,
+    platform.DEADLETTER.name,
+)
 
 
 @dataclass(frozen=True)
