@@ -49,7 +49,9 @@ def dealer(dealer_id: str) -> Principal:
 
 @dataclass
 class Behaviour:
-    """How a fake device answers an OTA: `ok`, `wrong` version, `never` back, OTA `fail`."""
+    """How a fake device answers an OTA: `ok`, `wrong` version, `never` back, OTA `fail`,
+    `blip` (its connection drops mid-download and comes back on the old version, then the
+    update goes on and succeeds)."""
 
     outcome: str = "ok"
     return_after_s: float = 0.0
@@ -150,6 +152,12 @@ class FakeFleet:
         await self._status(request, command_id, "sent")
         await self._status(request, command_id, "acked")
         await self._ota(device_id, command_id, "downloading")
+        if behaviour.outcome == "blip":
+            await asyncio.sleep(0.3)
+            await self.presence(device_id, online=False, fw=None)
+            await asyncio.sleep(0.3)
+            await self.presence(device_id, online=True, fw="1.0.0")
+            await asyncio.sleep(0.3)
         if behaviour.outcome == "fail":
             await self._ota(device_id, command_id, "failed", detail="checksum mismatch")
             return
@@ -721,6 +729,38 @@ async def test_gsm_units_returning_later_than_wifi_units_are_not_failed_early(
     assert devices[wifi_gone]["state"] == "failed"
     assert "not back" in devices[wifi_gone]["detail"]
     assert (done["counts"]["confirmed"], done["counts"]["failed"]) == (1, 1)
+
+
+async def test_a_connection_lost_mid_download_does_not_fail_the_device(fw: Firmware) -> None:
+    a = unique("dealer-a")
+    blip, steady = unique("B"), unique("S")
+    for d in (blip, steady):
+        await fw.fake.register(d, dealer_id=a)
+    await projected(fw, blip, steady)
+    fw.fake.behaviour[blip] = Behaviour("blip")
+    release = await fw.release()
+    created = await fw.call(
+        "POST",
+        "/rollouts",
+        ADMIN,
+        {
+            "release_id": release["id"],
+            "scope": "my_fleet",
+            "dealer_id": a,
+            "strategy": {"batch_size": 10, "failure_threshold_pct": 100},
+            "override": True,
+            "override_reason": "network blip test",
+        },
+    )
+    assert created.status_code == 201, created.text
+    rollout_id = created.json()["id"]
+    done = await fw.until_status(rollout_id, "completed")
+    devices = await fw.devices(rollout_id)
+    assert {d: devices[d]["state"] for d in (blip, steady)} == {
+        blip: "confirmed",
+        steady: "confirmed",
+    }, devices
+    assert (done["counts"]["confirmed"], done["counts"]["failed"]) == (2, 0)
 
 
 # ------------------------------------------------------------------ metrics

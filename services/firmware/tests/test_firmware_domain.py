@@ -126,12 +126,67 @@ def test_a_device_goes_pending_sent_updating_awaiting_return_confirmed() -> None
     assert (change.after.state, change.after.reported_version) == ("confirmed", "2.0.0")
 
 
-def test_live_again_with_another_version_fails() -> None:
-    p = replace(sent(), state="awaiting_return", command_id="c1")
+def test_live_again_with_another_version_after_the_reboot_fails() -> None:
+    p = replace(sent(), state="awaiting_return", command_id="c1", last_report="rebooting")
     change = on_presence(p, online=True, fw="1.0.0", at=T0 + timedelta(1), target_version="2.0.0")
     assert change is not None
     assert change.after.state == "failed"
     assert "1.0.0" in (change.after.detail or "")
+
+
+@pytest.mark.parametrize("offline_read_first", [False, True])
+def test_the_reboot_counts_whichever_of_its_report_and_the_offline_is_read_first(
+    offline_read_first: bool,
+) -> None:
+    later = T0 + timedelta(seconds=5)
+    p = on_ota_report(
+        sent(), command_id="c1", phase="installing", detail=None, now=later, policy=POLICY
+    ).after  # type: ignore[union-attr]
+
+    def report(p: Progress) -> Progress:
+        change = on_ota_report(
+            p, command_id="c1", phase="rebooting", detail=None, now=later, policy=POLICY
+        )
+        return change.after if change else p
+
+    def offline(p: Progress) -> Progress:
+        return on_presence(p, online=False, fw=None, at=later, target_version="2").after  # type: ignore[union-attr]
+
+    p = report(offline(p)) if offline_read_first else offline(report(p))
+    assert (p.state, p.last_report) == ("awaiting_return", "rebooting")
+    change = on_presence(p, online=True, fw="1", at=later, target_version="2")
+    assert change is not None
+    assert change.after.state == "failed"
+
+
+def test_a_connection_lost_mid_download_is_not_a_failed_update() -> None:
+    later = T0 + timedelta(seconds=5)
+    p = on_ota_report(
+        sent(), command_id="c1", phase="downloading", detail=None, now=later, policy=POLICY
+    ).after  # type: ignore[union-attr]
+    p = on_presence(p, online=False, fw=None, at=later, target_version="2").after  # type: ignore[union-attr]
+    assert p.state == "awaiting_return"
+    # Back on the old version before any reboot: the download goes on, the deadline stands.
+    change = on_presence(p, online=True, fw="1", at=later, target_version="2")
+    assert change is not None
+    assert (change.after.state, change.after.deadline_at) == ("updating", p.deadline_at)
+    p = change.after
+    for phase in ("installing", "rebooting"):
+        p = on_ota_report(
+            p, command_id="c1", phase=phase, detail=None, now=later, policy=POLICY
+        ).after  # type: ignore[union-attr]
+    p = on_presence(p, online=False, fw=None, at=later, target_version="2").after  # type: ignore[union-attr]
+    change = on_presence(p, online=True, fw="2", at=later, target_version="2")
+    assert change is not None
+    assert change.after.state == "confirmed"
+    # Never back at all: the deadline fails it, as any update not back in time.
+    stranded = on_deadline(
+        replace(p, state="updating"),
+        now=p.deadline_at + timedelta(1),
+        policy=POLICY,  # type: ignore[operator]
+    )
+    assert stranded is not None
+    assert stranded.after.state == "failed"
 
 
 def test_going_offline_before_any_ota_phase_is_not_awaiting_return() -> None:

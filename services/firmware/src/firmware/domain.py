@@ -238,8 +238,12 @@ def on_ota_report(
     now: datetime,
     policy: Policy,
 ) -> Change | None:
-    """An `up/ota` phase from the device."""
-    if progress.state not in ("sent", "updating"):
+    """An `up/ota` phase from the device.
+
+    While `awaiting_return` the report is kept but the state stays: the phase and presence
+    topics are read apart, so a `rebooting` report can arrive after the offline it preceded.
+    """
+    if progress.state not in IN_FLIGHT:
         return None
     if progress.command_id is not None and command_id != progress.command_id:
         return None  # a report about an earlier attempt's command
@@ -253,6 +257,8 @@ def on_ota_report(
         # time the request spent queued in the platform (a backlog, a broker outage) is not
         # counted against the device ("Do not assume failure too quickly").
         current = replace(current, deadline_at=_restarted(progress, now))
+    if progress.state == "awaiting_return":
+        return Change(progress, current) if current != progress else None
     return Change(progress, replace(current, state="updating"))
 
 
@@ -283,12 +289,15 @@ def on_presence(  # noqa: PLR0911 - one return per case of the README table
         if progress.state == "updating":
             return Change(progress, replace(reported, state="awaiting_return"))
         return None
-    # Back on another version after a reboot: the update did not take. (`updating` with a
-    # `rebooting` report covers an offline event that was read before the phase report.)
-    rebooted = progress.state == "updating" and (progress.last_report or "").startswith("reboot")
-    if progress.state == "awaiting_return" or rebooted:
+    # Back on another version after the reboot it reported: the update did not take. (An
+    # offline event may be read before or after the `rebooting` report; either way it counts.)
+    if progress.state != "sent" and (progress.last_report or "").startswith("reboot"):
         why = f"came back with version {fw or 'unknown'}, expected {target_version}"
         return Change(progress, replace(reported, state="failed", deadline_at=None, detail=why))
+    if progress.state == "awaiting_return":
+        # Away before any reboot: its connection dropped mid-download (the image comes over
+        # HTTP, the update goes on). The deadline still bounds it.
+        return Change(progress, replace(reported, state="updating"))
     return Change(progress, reported) if reported != progress else None
 
 
