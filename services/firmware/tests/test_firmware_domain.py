@@ -180,10 +180,9 @@ def test_a_connection_lost_mid_download_is_not_a_failed_update() -> None:
     assert change is not None
     assert change.after.state == "confirmed"
     # Never back at all: the deadline fails it, as any update not back in time.
+    assert p.deadline_at is not None
     stranded = on_deadline(
-        replace(p, state="updating"),
-        now=p.deadline_at + timedelta(1),
-        policy=POLICY,  # type: ignore[operator]
+        replace(p, state="updating"), now=p.deadline_at + timedelta(1), policy=POLICY
     )
     assert stranded is not None
     assert stranded.after.state == "failed"
