@@ -290,6 +290,8 @@ class Load:
         for record in _read_jsonl_from(self._gateway_log, self._gateway_log_from):
             if record.get("msg") == "command handled" and record.get("outcome") == "sent":
                 sent[str(record["command_id"])] += 1
+        # No line at all would make this count 0 whatever happened (a log level above info).
+        assert sent or not self.accepted, f"no 'command handled' line in {self._gateway_log}"
         self._note_broker_redeliveries()
         return sum(1 for n in sent.values() if n > 1)
 
