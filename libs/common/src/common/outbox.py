@@ -516,16 +516,11 @@ class OutboxRelay:
     async def _mark(self) -> bool:
         """Mark the acked eager events published; a failure leaves them to a relay round (a
         duplicate, never a gap)."""
-        outbox = self._outbox
         ids, self._to_mark = self._to_mark, []
         self.stats.eager_marks += 1
         try:
             async with self._engine.begin() as conn:
-                await conn.execute(
-                    update(outbox)
-                    .where(outbox.c.published_at.is_(None), outbox.c.event_id.in_(ids))
-                    .values(published_at=func.now())
-                )
+                await conn.execute(self._mark_acked, {"acked": ids})
         except Exception:
             logger.warning("eager outbox mark failed; a relay round sends them", exc_info=True)
             return False
@@ -559,6 +554,18 @@ class OutboxRelay:
         return len(rows)
 
     @functools.cached_property
+    def _mark_acked(self) -> Any:
+        """Mark acked eager events published (`= ANY(array)`: one prepared statement whatever
+        the number of ids, as the claim's own mark)."""
+        outbox = self._outbox
+        acked = bindparam("acked", type_=ARRAY(Uuid))
+        return (
+            update(outbox)
+            .where(outbox.c.published_at.is_(None), outbox.c.event_id == any_(acked))
+            .values(published_at=func.now())
+        )
+
+    @functools.cached_property
     def _claim(self) -> Any:
         """Lock, mark and read a batch in one statement (three round trips fewer a round than
         lock, select, mark): the advisory lock is taken once, in a materialised CTE; if another
@@ -587,14 +594,7 @@ class OutboxRelay:
             return claim
         # The acked eager events' mark rides along (a data-modifying CTE runs whether read or
         # not); it does not need the lock. An empty array marks nothing.
-        acked = bindparam("acked", type_=ARRAY(Uuid))
-        marked = (
-            update(outbox)
-            .where(outbox.c.published_at.is_(None), outbox.c.event_id == any_(acked))
-            .values(published_at=func.now())
-            .returning(outbox.c.id)
-            .cte("eager_marked")
-        )
+        marked = self._mark_acked.returning(outbox.c.id).cte("eager_marked")
         return claim.add_cte(marked)
 
     def _not_in_flight(self) -> tuple[Any, ...]:
