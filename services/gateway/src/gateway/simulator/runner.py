@@ -112,7 +112,9 @@ class SimulatedDevice:
         # Spread the fleet's first connections over a few seconds.
         await asyncio.sleep(self.rng.uniform(0, self.fleet.spread_s))
         while not stop.is_set():
-            offline = _Offline(seconds=delay, announce=False)
+            # Jittered (half to all of the backoff), as a fleet's firmware should: after a
+            # broker restart the units do not all knock again in the same second.
+            offline = _Offline(seconds=delay * self.rng.uniform(0.5, 1.0), announce=False)
             try:
                 offline = await self._session(stop)
                 delay = 1.0
