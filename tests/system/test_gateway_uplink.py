@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import aiomqtt
@@ -26,7 +27,14 @@ from common.testing.stack import StackAddresses
 from gateway.app import create_app
 from gateway.dynsec import DynsecAdmin
 from gateway.settings import GatewaySettings
-from gateway.testing import Broker, KafkaTail, admin_session, bridge_account, device_client
+from gateway.testing import (
+    Broker,
+    KafkaTail,
+    admin_session,
+    bridge_account,
+    device_client,
+    running_gateway,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -203,6 +211,53 @@ async def test_a_reconnect_does_not_replay_every_retained_status(
         await tail.wait_for(topic_prefix + device.TELEMETRY.name, of_device(device_id))
     await asyncio.sleep(1.0)  # the marker and a replay may sit in different partitions' fetches
     assert len(tail.matching(presence, of_device(device_id))) == 1
+
+
+async def test_a_replica_joining_gets_retained_statuses_dated_by_the_device(  # noqa: PLR0917
+    gateway: Any,
+    tail: KafkaTail,
+    admin: DynsecAdmin,
+    topic_prefix: str,
+    stack: StackAddresses,
+    fresh_database: Migrate,
+) -> None:
+    """A new subscription (a gateway replica joining) is handed every device's retained status:
+    the device's last word, maybe weeks old. Forwarded as news dated now, every offline unit
+    would look seen today; it keeps the device's own time and says it is a replay. The same
+    status forwarded live is dated when it arrived."""
+    device_id, password = await new_device(admin)
+    presence = topic_prefix + device.PRESENCE.name
+    said_at = time.time() - 3 * 24 * 3600  # an orderly offline three days ago (device's clock)
+    async with device_client(device_id, password) as client:
+        await client.publish(
+            f"devices/{device_id}/up/status",
+            json.dumps({"state": "offline", "fw": "2.4.1", "ts": said_at}),
+            qos=1,
+            retain=True,
+        )
+    [record] = await tail.wait_for(presence, of_device(device_id))
+    live = json.loads(record.value)
+    assert live["data"]["replayed"] is False
+    assert abs(_epoch(live["data"]["received_at"]) - time.time()) < 60
+
+    async with (
+        bridge_account(admin) as account,
+        running_gateway(
+            database_url=await fresh_database("gateway"),
+            kafka_bootstrap=stack.kafka_bootstrap_servers,
+            topic_prefix=topic_prefix,
+            account=account,
+        ),
+    ):
+        [_, record] = await tail.wait_for(presence, of_device(device_id), count=2)
+    replay = json.loads(record.value)
+    assert replay["data"]["replayed"] is True
+    assert replay["data"]["state"] == "offline"
+    assert abs(_epoch(replay["data"]["received_at"]) - said_at) < 0.01
+
+
+def _epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ class _Transport:
         self.aborted = True
 
 
-def _publish(topic: str, payload: bytes, packet_id: int) -> bytes:
+def _publish(topic: str, payload: bytes, packet_id: int, *, retain: bool = False) -> bytes:
     body = struct.pack("!H", len(topic)) + topic.encode() + struct.pack("!H", packet_id)
     body += b"\x00" + payload  # no properties
     length = len(body)
@@ -121,26 +121,26 @@ def _publish(topic: str, payload: bytes, packet_id: int) -> bytes:
         encoded.append(byte | (0x80 if length else 0))
         if not length:
             break
-    return bytes((0x32,)) + bytes(encoded) + body
+    return bytes((0x32 | retain,)) + bytes(encoded) + body
 
 
 async def test_publishes_split_anywhere_are_parsed_and_acked_in_one_write() -> None:
-    got: list[tuple[str, bytes, int, int]] = []
+    got: list[tuple[str, bytes, int, int, bool]] = []
     conn = MqttConnection(
         ConnectOptions(host="x", port=1, client_id="c", username="u", password="p"),
-        lambda _conn, topic, payload, pid, qos: got.append((topic, payload, pid, qos)),
+        lambda _conn, *message: got.append(message),
     )
     transport = _Transport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     transport.written.clear()  # the CONNECT
     stream = _publish("devices/A/up/telemetry", b"x" * 300, 7) + _publish(
-        "devices/B/up/ack", b"{}", 8
+        "devices/B/up/status", b"{}", 8, retain=True
     )
     for n in range(0, len(stream), 5):  # five bytes at a time, lengths split too
         conn.data_received(stream[n : n + 5])
     assert got == [
-        ("devices/A/up/telemetry", b"x" * 300, 7, 1),
-        ("devices/B/up/ack", b"{}", 8, 1),
+        ("devices/A/up/telemetry", b"x" * 300, 7, 1, False),
+        ("devices/B/up/status", b"{}", 8, 1, True),  # a retained message handed on subscribe
     ]
     conn.puback([7, 8])
     assert bytes(transport.written) == b"\x40\x02\x00\x07\x40\x02\x00\x08"

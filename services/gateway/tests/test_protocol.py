@@ -42,6 +42,33 @@ def test_will_is_an_offline_status_without_ts() -> None:
     assert orderly.data.will is False
 
 
+def test_a_retained_status_handed_to_a_new_subscription_keeps_the_devices_time() -> None:
+    hour_ago = NOW - timedelta(hours=1)
+    status = {"state": "offline", "fw": "1.0", "ts": hour_ago.timestamp()}
+    raw = json.dumps(status).encode()
+    live = protocol.read_uplink("devices/D-1/up/status", raw, received_at=NOW, max_bytes=999)
+    replay = protocol.read_uplink(
+        "devices/D-1/up/status", raw, received_at=NOW, max_bytes=999, retained=True
+    )
+    assert isinstance(live, protocol.Accepted)
+    assert isinstance(replay, protocol.Accepted)
+    assert (live.data.received_at, live.data.replayed) == (NOW, False)
+    assert (replay.data.received_at, replay.data.replayed) == (hour_ago, True)
+    # A device clock ahead of ours does not date it in the future; a Will has no time of its own.
+    ahead = {**status, "ts": (NOW + timedelta(hours=1)).timestamp()}
+    will = {"state": "offline"}
+    for body, expected in ((ahead, NOW), (will, NOW)):
+        verdict = protocol.read_uplink(
+            "devices/D-1/up/status",
+            json.dumps(body).encode(),
+            received_at=NOW,
+            max_bytes=999,
+            retained=True,
+        )
+        assert isinstance(verdict, protocol.Accepted)
+        assert verdict.data.received_at == expected
+
+
 @pytest.mark.parametrize(
     ("topic", "body", "reason"),
     [

@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -133,9 +133,8 @@ class Bridge:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect, consume and reconnect with jittered exponential backoff until `stop`."""
-        sender = asyncio.create_task(self._send_loop(), name="uplink-producer")
         delay = 0.5
-        try:
+        async with self._sending():
             while not stop.is_set():
                 conn: MqttConnection | None = None
                 try:
@@ -176,10 +175,6 @@ class Bridge:
                     jitter = random.uniform(0.5, 1.0)  # noqa: S311
                     await asyncio.wait_for(stop.wait(), timeout=delay * jitter)
                 delay = min(delay * 2, self._settings.mqtt_reconnect_max_s)
-        finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
 
     async def release(self, *, idle_s: float = 3.0, timeout_s: float = 600.0) -> int:
         """End the broker session of this bridge's client id, losing nothing it holds; returns
@@ -194,28 +189,36 @@ class Bridge:
         Only for an id no running replica uses: the broker hands a session to whichever
         connection came last.
         """
-        sender = asyncio.create_task(self._send_loop(), name="uplink-producer")
         conn: MqttConnection | None = None
-        try:
-            async with asyncio.timeout(timeout_s):
-                conn = await MqttConnection.open(self._options(), self._on_publish)
-                self._conn = conn
-                if conn.session_present:
-                    await conn.unsubscribe(self.subscription)
-                    await self._quiet(conn, idle_s)
-                await conn.disconnect(end_session=True)
-        finally:
-            if conn is not None:
-                conn.abort()
-            self._conn = None
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
+        async with self._sending():
+            try:
+                async with asyncio.timeout(timeout_s):
+                    conn = await MqttConnection.open(self._options(), self._on_publish)
+                    self._conn = conn
+                    if conn.session_present:
+                        await conn.unsubscribe(self.subscription)
+                        await self._quiet(conn, idle_s)
+                    await conn.disconnect(end_session=True)
+            finally:
+                if conn is not None:
+                    conn.abort()
+                self._conn = None
         logger.info(
             "mqtt session released",
             extra={"client_id": self._settings.mqtt_client_id, "forwarded": self.stats.forwarded},
         )
         return self.stats.forwarded
+
+    @contextlib.asynccontextmanager
+    async def _sending(self) -> AsyncIterator[None]:
+        """The one task handing received uplinks to Kafka, for as long as the block runs."""
+        sender = asyncio.create_task(self._send_loop(), name="uplink-producer")
+        try:
+            yield
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
 
     async def _quiet(self, conn: MqttConnection, idle_s: float) -> None:
         """Until nothing arrived for `idle_s` and everything received is acknowledged."""
@@ -241,18 +244,30 @@ class Bridge:
         await conn.disconnect()
 
     # uplink: MQTT -> Kafka
-    def _on_publish(
-        self, conn: MqttConnection, topic: str, payload: bytes, packet_id: int, qos: int
+    def _on_publish(  # noqa: PLR0917 - the MQTT client's callback shape
+        self,
+        conn: MqttConnection,
+        topic: str,
+        payload: bytes,
+        packet_id: int,
+        qos: int,
+        retained: bool,
     ) -> None:
         self.stats.received += 1
         try:
-            self._accept(conn, topic, payload, packet_id, qos)
+            self._accept(conn, topic, payload, packet_id, qos, retained)
         except Exception:  # a bug here must not take the session down with it
             logger.exception("uplink handling failed", extra={"mqtt_topic": topic[:200]})
             self._drop(conn, packet_id, qos, "error")
 
-    def _accept(
-        self, conn: MqttConnection, topic: str, payload: bytes, packet_id: int, qos: int
+    def _accept(  # noqa: PLR0917
+        self,
+        conn: MqttConnection,
+        topic: str,
+        payload: bytes,
+        packet_id: int,
+        qos: int,
+        retained: bool = False,
     ) -> None:
         parts = topic.split("/", 3)
         device_id = parts[1] if len(parts) > 2 and parts[0] == "devices" else ""
@@ -270,7 +285,11 @@ class Bridge:
             return
         now = datetime.now(UTC)
         verdict = protocol.read_uplink(
-            topic, payload, received_at=now, max_bytes=self._settings.max_payload_bytes
+            topic,
+            payload,
+            received_at=now,
+            max_bytes=self._settings.max_payload_bytes,
+            retained=retained,
         )
         if isinstance(verdict, protocol.Accepted):
             contract = verdict.topic

@@ -99,7 +99,13 @@ class DynsecAdmin:
             delay = min(delay * 2, 10.0)
 
     def _on_answer(
-        self, conn: MqttConnection, _topic: str, payload: bytes, packet_id: int, qos: int
+        self,
+        conn: MqttConnection,
+        _topic: str,
+        payload: bytes,
+        packet_id: int,
+        qos: int,
+        _retained: bool,
     ) -> None:
         if qos:
             conn.puback((packet_id,))

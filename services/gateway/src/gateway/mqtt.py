@@ -38,7 +38,9 @@ _PROPERTY_WIDTH = {
 _SERVER_KEEP_ALIVE, _RECEIVE_MAXIMUM = 0x13, 0x21
 
 # (connection, topic, payload, packet id, qos); called synchronously for every PUBLISH.
-OnPublish = Callable[["MqttConnection", str, bytes, int, int], None]
+# (connection, topic, payload, packet id, QoS, RETAIN: set only on a retained message the
+# broker hands a new subscription, as subscriptions here keep Retain As Published off)
+OnPublish = Callable[["MqttConnection", str, bytes, int, int, bool], None]
 
 
 class MqttError(ConnectionError):
@@ -247,7 +249,8 @@ class MqttConnection(asyncio.Protocol):
             props_len, pos = _read_varint(buf, pos)
             if qos > 1:
                 raise MqttError("QoS 2 delivery on a QoS 1 subscription")
-            self._on_publish(self, topic, bytes(buf[pos + props_len : end]), packet_id, qos)
+            payload = bytes(buf[pos + props_len : end])
+            self._on_publish(self, topic, payload, packet_id, qos, bool(first & 0x01))
         elif kind == _PUBACK or first in (_SUBACK, _UNSUBACK):
             packet_id = (buf[start] << 8) | buf[start + 1]
             code = buf[start + 2] if end - start > 2 else 0

@@ -129,9 +129,10 @@ def device_of(topic: str) -> str | None:
 
 
 def read_uplink(
-    topic: str, payload: bytes, *, received_at: datetime, max_bytes: int
+    topic: str, payload: bytes, *, received_at: datetime, max_bytes: int, retained: bool = False
 ) -> Accepted | Refused:
-    """Validate one uplink against the protocol; see the module docstring."""
+    """Validate one uplink against the protocol; see the module docstring. `retained`: the
+    broker handed it from its retained store to a new subscription (old news, see `_accept`)."""
     match = _TOPIC.match(topic)
     if match is None:
         return Refused(
@@ -147,7 +148,7 @@ def read_uplink(
             device_id, f"payload of {len(payload)} bytes exceeds {max_bytes}", "oversize"
         )
     try:
-        return _accept(kind, device_id, payload, received_at)
+        return _accept(kind, device_id, payload, received_at, retained=retained)
     except ValidationError as exc:
         not_json = any(err["type"] == "json_invalid" for err in exc.errors(include_url=False))
         return Refused(
@@ -155,7 +156,9 @@ def read_uplink(
         )
 
 
-def _accept(kind: str, device_id: str, payload: bytes, received_at: datetime) -> Accepted:
+def _accept(
+    kind: str, device_id: str, payload: bytes, received_at: datetime, *, retained: bool
+) -> Accepted:
     common: dict[str, Any] = {"device_id": device_id, "received_at": received_at}
     if kind == "telemetry":
         t = TelemetryPayload.model_validate_json(payload)
@@ -165,7 +168,14 @@ def _accept(kind: str, device_id: str, payload: bytes, received_at: datetime) ->
         s = StatusPayload.model_validate_json(payload)
         # A Last Will is set at connect time, so it carries no `ts`; an orderly offline does.
         will = s.state == "offline" and s.ts is None
-        data = device.DevicePresence.model_construct(**common, **s.__dict__, will=will)
+        if retained and s.ts is not None:
+            # The device's last status, kept by the broker and handed to a new subscription (a
+            # new gateway replica): it happened when the device said, not now. Dated now, an
+            # offline unit would look seen today to everyone who orders presence by time.
+            common["received_at"] = min(s.ts, received_at)
+        data = device.DevicePresence.model_construct(
+            **common, **s.__dict__, will=will, replayed=retained
+        )
         return Accepted(device.PRESENCE, device_id, data)
     if kind == "ack":
         a = AckPayload.model_validate_json(payload)

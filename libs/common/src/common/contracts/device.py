@@ -41,6 +41,12 @@ class DevicePresence(_DeviceEvent):
     fw: str | None = Field(default=None, max_length=64)
     ts: datetime | None = None
     will: bool = False
+    replayed: bool = Field(
+        default=False,
+        description="A retained status the broker handed a new subscription (a gateway replica "
+        "joining): the device's last word, not a change now. `received_at` is then the "
+        "device's own `ts` when it has one (never later than its receipt).",
+    )
 
 
 class DeviceReport(_DeviceEvent):
