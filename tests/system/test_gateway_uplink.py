@@ -21,13 +21,14 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from common.contracts import commands, device
+from common.contracts import device
 from common.testing.plugin import KafkaTopics, Migrate
 from common.testing.stack import StackAddresses
 from gateway.app import create_app
 from gateway.dynsec import DynsecAdmin
 from gateway.settings import GatewaySettings
 from gateway.testing import (
+    TOPICS,
     Broker,
     KafkaTail,
     admin_session,
@@ -37,15 +38,6 @@ from gateway.testing import (
 )
 
 pytestmark = pytest.mark.stack
-
-TOPICS = [
-    device.TELEMETRY.name,
-    device.PRESENCE.name,
-    device.REPORT.name,
-    device.DEADLETTER.name,
-    commands.DISPATCH.name,
-    commands.STATUS.name,
-]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +53,7 @@ async def gateway(
     fresh_database: Migrate,
     admin: DynsecAdmin,
 ) -> AsyncIterator[Any]:
-    await kafka_topics.create(*TOPICS, "platform.deadletter.v1")
+    await kafka_topics.create(*TOPICS)
     url = await fresh_database("gateway")
     async with bridge_account(admin) as account:
         settings = GatewaySettings(
