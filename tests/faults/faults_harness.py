@@ -446,10 +446,15 @@ def machine_note(stack: "PrivateStack", before: dict[str, tuple[int, float]], to
     return f"machine: {os.cpu_count()} CPUs, load {load}; CPU used: {', '.join(used)}"
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSON-lines file, skipping a partial last line."""
+def read_jsonl(path: Path, offset: int = 0) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (or a log) from byte `offset` on; other lines (a
+    partial last one, a log's markers) are skipped."""
     if not path.exists():
         return
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            yield json.loads(line)
+    with path.open("rb") as lines:
+        lines.seek(offset)
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    yield record

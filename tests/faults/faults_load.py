@@ -3,12 +3,10 @@ commands, then the counts that say whether anything was lost, duplicated or stuc
 
 import collections
 import concurrent.futures
-import contextlib
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +74,7 @@ class Load:
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8)
         self._futures: list[concurrent.futures.Future[None]] = []
-        self._acks_from = _line_count(platform.acks_file)
+        self._acks_from = _size(platform.acks_file)
         self._gateway_log = platform.stack.log_dir / "gateway.log"
         self._gateway_log_from = _size(self._gateway_log)
         self._started = time.monotonic()
@@ -287,7 +285,7 @@ class Load:
         observer sees those, and they are noted, not counted.
         """
         sent: collections.Counter[str] = collections.Counter()
-        for record in _read_jsonl_from(self._gateway_log, self._gateway_log_from):
+        for record in read_jsonl(self._gateway_log, self._gateway_log_from):
             if record.get("msg") == "command handled" and record.get("outcome") == "sent":
                 sent[str(record["command_id"])] += 1
         # No line at all would make this count 0 whatever happened (a log level above info).
@@ -297,14 +295,11 @@ class Load:
 
     def _note_broker_redeliveries(self) -> None:
         """What the observer saw delivered or acked again (a note for reading a failure)."""
-        downs: collections.Counter[str] = collections.Counter()
         accepted: collections.Counter[str] = collections.Counter()
         after_ack: set[str] = set()
-        records = list(read_jsonl(self.platform.acks_file))[self._acks_from :]
-        for record in records:
+        for record in read_jsonl(self.platform.acks_file, self._acks_from):
             command_id = str(record["command_id"])
             if record["kind"] == "down":
-                downs[command_id] += 1
                 if accepted[command_id]:
                     after_ack.add(command_id)
             elif record["status"] == "accepted":
@@ -318,27 +313,8 @@ class Load:
             )
 
 
-def _read_jsonl_from(path: Path, offset: int) -> Iterator[dict[str, Any]]:
-    """JSON records of a log from a byte offset on (other lines, such as markers, skipped)."""
-    if not path.exists():
-        return
-    with path.open("rb") as log:
-        log.seek(offset)
-        for line in log:
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    yield record
-
-
 def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
-
-
-def _line_count(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return len(path.read_text().splitlines())
 
 
 def report(counts: Counts, results_file: Path) -> None:

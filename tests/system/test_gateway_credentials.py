@@ -80,15 +80,7 @@ async def test_issue_rotate_revoke(api: httpx.AsyncClient) -> None:
     assert state["rotated_at"]
 
     # A connected device is kicked when its credentials are revoked, and cannot come back.
-    broker = Broker.from_env()
-    client = aiomqtt.Client(
-        broker.host,
-        broker.port,
-        username=device_id,
-        password=new_password,
-        identifier=device_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
-    )
+    client = device_client(device_id, new_password)
     await client.__aenter__()
     try:
         assert (await api.delete(path(device_id), headers=headers)).status_code == 204

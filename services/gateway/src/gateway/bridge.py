@@ -267,7 +267,7 @@ class Bridge:
         payload: bytes,
         packet_id: int,
         qos: int,
-        retained: bool = False,
+        retained: bool,
     ) -> None:
         parts = topic.split("/", 3)
         device_id = parts[1] if len(parts) > 2 and parts[0] == "devices" else ""

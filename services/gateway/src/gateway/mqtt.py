@@ -37,9 +37,9 @@ _PROPERTY_WIDTH = {
 }  # fmt: skip
 _SERVER_KEEP_ALIVE, _RECEIVE_MAXIMUM = 0x13, 0x21
 
-# (connection, topic, payload, packet id, qos); called synchronously for every PUBLISH.
-# (connection, topic, payload, packet id, QoS, RETAIN: set only on a retained message the
-# broker hands a new subscription, as subscriptions here keep Retain As Published off)
+# (connection, topic, payload, packet id, QoS, RETAIN); called synchronously for every PUBLISH.
+# RETAIN is set only on a retained message the broker hands a new subscription (subscriptions
+# here keep Retain As Published off).
 OnPublish = Callable[["MqttConnection", str, bytes, int, int, bool], None]
 
 
